@@ -1,0 +1,180 @@
+"""``autodfp`` command line: prune, eval, models.
+
+Every user error ends as one ``error: ...`` line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from autodfp.errors import AutoDFPError
+from autodfp.reconstruction import METHODS
+from autodfp.selection import CRITERIA
+
+
+def _keep_ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"keep ratio must be in (0, 1], got {value}")
+    return value
+
+
+def _unit_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line, like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="autodfp", description="Data-free pruning of pretrained CNNs.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    prune = sub.add_parser("prune", help="prune a model with a uniform ratio or a strategy file")
+    prune.add_argument("--model", help="registry name (see `autodfp models`) or pkg.module:factory")
+    prune.add_argument("--checkpoint", help="weights file (default: the shipped weights)")
+    prune.add_argument("--keep", type=_keep_ratio,
+                       help="kept share of every prunable group's channels, in (0, 1]")
+    prune.add_argument("--strategy", type=Path, help="strategy.json with per-layer keep ratios")
+    prune.add_argument("--select", choices=sorted(CRITERIA), default="l1")
+    prune.add_argument("--reconstruct", choices=METHODS, default="neuron-merging")
+    prune.add_argument("--coef", type=_unit_interval, default=1.0,
+                       help="reconstruction coefficient for --reconstruct autodfp (default 1)")
+    prune.add_argument("--nm-sigma", choices=("std", "var"), default="std",
+                       help="Neuron Merging sigma: std = sqrt(var+eps) (default, better), "
+                            "var = running_var as in the official code")
+    prune.add_argument("--out", type=Path, required=True, help="output folder (written atomically)")
+    prune.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    prune.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
+    prune.add_argument("--latency", action="store_true", help="also time batch 1 and 256")
+
+    ev = sub.add_parser("eval", help="accuracy of a pruned-model folder or a zoo model")
+    ev.add_argument("folder", nargs="?", type=Path, help="folder written by `autodfp prune`")
+    ev.add_argument("--model", help="evaluate an unpruned model instead")
+    ev.add_argument("--checkpoint")
+    ev.add_argument("--data", type=Path, help="user images: .npz (x, y) or an ImageFolder tree")
+    ev.add_argument("--latency", action="store_true", help="also time batch 1 and 256")
+
+    sub.add_parser("models", help="list the model zoo")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"prune": cmd_prune, "eval": cmd_eval, "models": cmd_models}[args.command](args)
+    except AutoDFPError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+def cmd_prune(args) -> int:
+    from autodfp.export import write_model_folder
+    from autodfp.pruning import apply_strategy
+    from autodfp.report import build_report, format_report
+
+    strategy = _strategy_from_args(args)
+    _check_out(args.out, args.force)
+    _say(f"pruning {strategy.model}: {len(strategy.layers)} group(s), select={strategy.select}, "
+         f"reconstruct={strategy.reconstruct}")
+    pruned = apply_strategy(strategy)
+    report = build_report(pruned, latency=args.latency, progress=True)
+    report = write_model_folder(pruned, report, args.out, overwrite=args.force,
+                                onnx=not args.no_onnx)
+    print(format_report(report))
+    print(f"wrote {args.out}/ ({', '.join(report['exports'])}, strategy.json, report.json)")
+    return 0
+
+
+def _strategy_from_args(args):
+    from autodfp.pruning import checkpoint_digest, uniform_strategy
+    from autodfp.strategy import Strategy
+
+    if args.strategy:
+        if args.keep is not None:
+            raise AutoDFPError("give either --keep or --strategy, not both")
+        strategy = Strategy.load(args.strategy)
+        if args.model and args.model != strategy.model:
+            raise AutoDFPError(f"--model {args.model} differs from the strategy's model "
+                               f"{strategy.model}")
+        if args.checkpoint:
+            strategy.checkpoint = args.checkpoint
+            strategy.checkpoint_sha256 = checkpoint_digest(strategy.model, args.checkpoint)
+        return strategy
+    if not args.model or args.keep is None:
+        raise AutoDFPError("give --model and --keep, or --strategy FILE")
+    return uniform_strategy(args.model, args.keep, select=args.select,
+                            reconstruct=args.reconstruct, coef=args.coef,
+                            checkpoint=args.checkpoint, nm_sigma=args.nm_sigma)
+
+
+def _check_out(out: Path, force: bool) -> None:
+    """Fail before any work, not after minutes of evaluation."""
+    if out.exists() and not out.is_dir():
+        raise AutoDFPError(f"output path exists and is not a folder: {out}")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise AutoDFPError(f"output folder {out} is not empty; pass --force to replace it")
+
+
+def cmd_eval(args) -> int:
+    from autodfp.data import load_split, load_user_data
+    from autodfp.export import load_pruned
+    from autodfp.metrics import latency_ms, model_cost
+    from autodfp.models import build_model
+    from autodfp.report import REPORT_SPLITS, evaluate_splits
+
+    if (args.folder is None) == (args.model is None):
+        raise AutoDFPError("give a pruned-model folder or --model NAME (one of them)")
+    if args.folder is not None:
+        model, spec, _ = load_pruned(args.folder)
+        label = str(args.folder)
+    else:
+        model, spec = build_model(args.model, args.checkpoint)
+        label = args.model
+    splits = ([load_user_data(args.data)] if args.data
+              else [load_split(name) for name in REPORT_SPLITS])
+    cost = model_cost(model, spec)
+    print(f"{label}: {cost.macs / 1e6:.2f}M MACs, {cost.params / 1e3:.1f}K params")
+    for name, acc in evaluate_splits(model, spec, splits, progress=True).items():
+        print(f"  top-1 {name} ({len(next(s for s in splits if s.name == name))}): {acc:.2f}%")
+    if args.latency:
+        for batch in (1, 256):
+            print(f"  latency batch {batch}: {latency_ms(model, spec, batch):.2f} ms")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from autodfp.models import REGISTRY
+    from autodfp.pruning import prunable_groups
+
+    print(f"{'model':12s} {'weights':34s} prunable groups")
+    for name, spec in REGISTRY.items():
+        weights = spec.checkpoint or "none ship (train; --checkpoint)"
+        print(f"{name:12s} {weights:34s} {len(prunable_groups(name))}")
+    return 0
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

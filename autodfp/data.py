@@ -1,0 +1,240 @@
+"""Image sets: CIFAR-10 from ``../shared`` and user data, as uint8 HWC arrays.
+
+Images stay uint8 ``(N, H, W, 3)`` RGB until a model asks for them; :func:`to_tensor` applies
+that model's normalisation. The JPEG tars are decoded once and cached as ``.npz`` under
+``$AUTODFP_CACHE`` (default ``~/.cache/autodfp``), keyed by the tar's size and mtime.
+
+Named sets (:data:`SPLITS`):
+
+- ``test-lossless``: the first 1,017 official test images, lossless (quote these numbers).
+- ``test-jpeg``: all 10,000 test images as JPEG q75, in the official ``test_batch`` order.
+- ``train-jpeg``: the 50,000 training images as JPEG q75, ordered by class.
+- ``reward``: a class-stratified, seeded subset of ``train-jpeg`` (default 5,000 images) used as
+  the search's reward set; it never overlaps the test images.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from autodfp.errors import AutoDFPError
+
+CIFAR10_CLASSES = (
+    "airplane", "automobile", "bird", "cat", "deer",
+    "dog", "frog", "horse", "ship", "truck",
+)
+SPLITS = ("test-lossless", "test-jpeg", "train-jpeg", "reward")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+_TEST_TAR = "cifar10_test_jpeg_q75.tar"
+_TRAIN_TAR = "cifar10_train_jpeg_q75.tar"
+_LOSSLESS = "cifar10_test_lossless_first1017.npz"
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """Images ``x`` (uint8, N x H x W x 3, RGB) with integer labels ``y``."""
+
+    name: str
+    x: np.ndarray
+    y: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def subset(self, index: np.ndarray, name: str) -> "ImageSet":
+        return ImageSet(name, self.x[index], self.y[index])
+
+
+def shared_dir() -> Path:
+    """The ``shared`` folder: ``$AUTODFP_SHARED`` or ``../shared`` beside the project root."""
+    env = os.environ.get("AUTODFP_SHARED")
+    path = Path(env) if env else Path(__file__).resolve().parents[2] / "shared"
+    if not path.is_dir():
+        raise AutoDFPError(
+            f"shared data folder not found at {path}; put the project's ../shared there "
+            "or set AUTODFP_SHARED")
+    return path
+
+
+def cifar10_dir() -> Path:
+    return _require(shared_dir() / "data" / "cifar10", "CIFAR-10 data folder")
+
+
+def cache_dir() -> Path:
+    path = Path(os.environ.get("AUTODFP_CACHE", Path.home() / ".cache" / "autodfp"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _require(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise AutoDFPError(f"{what} not found: {path}")
+    return path
+
+
+def load_split(name: str, *, reward_size: int = 5000, seed: int = 0) -> ImageSet:
+    """Load one of :data:`SPLITS`."""
+    if name == "test-lossless":
+        return _lossless_test()
+    if name == "test-jpeg":
+        return _jpeg_test()
+    if name == "train-jpeg":
+        return _jpeg_train()
+    if name == "reward":
+        return reward_split(reward_size, seed)
+    raise AutoDFPError(f"unknown data split {name!r}; choose one of {', '.join(SPLITS)}")
+
+
+def reward_split(size: int = 5000, seed: int = 0) -> ImageSet:
+    """A class-stratified random subset of the training images, fixed by ``seed``."""
+    train = _jpeg_train()
+    if not 0 < size <= len(train):
+        raise AutoDFPError(f"reward set size must be in 1..{len(train)}, got {size}")
+    rng = np.random.default_rng(seed)
+    classes = np.unique(train.y)
+    per_class = [rng.permutation(np.flatnonzero(train.y == c)) for c in classes]
+    base, extra = divmod(size, len(classes))
+    picks = [idx[: base + (i < extra)] for i, idx in enumerate(per_class)]
+    index = np.sort(np.concatenate(picks))
+    return train.subset(index, f"reward-{size}-seed{seed}")
+
+
+def _lossless_test() -> ImageSet:
+    with np.load(_require(cifar10_dir() / _LOSSLESS, "lossless test images")) as data:
+        return ImageSet("test-lossless", data["x"], data["y_first1017"].astype(np.int64))
+
+
+def _jpeg_test() -> ImageSet:
+    images, labels, numbers = _decoded_tar(_TEST_TAR)
+    with np.load(cifar10_dir() / _LOSSLESS) as data:
+        official_labels = data["y_all10000"].astype(np.int64)
+    # File NNNN of class c is the NNNN-th image of class c in official order: invert that.
+    position = {(int(c), int(k)): i for i, (c, k) in enumerate(zip(labels, numbers))}
+    seen = np.zeros(len(CIFAR10_CLASSES), dtype=np.int64)
+    order = np.empty(len(official_labels), dtype=np.int64)
+    for i, c in enumerate(official_labels):
+        order[i] = position[(int(c), int(seen[c]))]
+        seen[c] += 1
+    return ImageSet("test-jpeg", images[order], official_labels)
+
+
+def _jpeg_train() -> ImageSet:
+    images, labels, _ = _decoded_tar(_TRAIN_TAR)
+    return ImageSet("train-jpeg", images, labels)
+
+
+def _decoded_tar(filename: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    tar_path = _require(cifar10_dir() / filename, "CIFAR-10 archive")
+    stat = tar_path.stat()
+    cached = cache_dir() / f"{tar_path.stem}-{stat.st_size}-{int(stat.st_mtime)}.npz"
+    if cached.exists():
+        try:
+            with np.load(cached) as data:
+                return data["x"], data["y"], data["k"]
+        except (OSError, ValueError, KeyError):
+            cached.unlink(missing_ok=True)  # a corrupt cache is rebuilt, not trusted
+    x, y, k = _decode_cifar_tar(tar_path)
+    _atomic_savez(cached, x=x, y=y, k=k)
+    return x, y, k
+
+
+def _decode_cifar_tar(tar_path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Decode ``<split>/<class>/NNNN.jpg`` members, sorted by (class, NNNN)."""
+    from PIL import Image
+    from tqdm import tqdm
+
+    entries = []
+    try:
+        with tarfile.open(tar_path) as tar:
+            members = [m for m in tar.getmembers() if m.isfile()]
+            for member in tqdm(members, desc=f"decoding {tar_path.name}", unit="img",
+                               disable=None, leave=False):
+                parts = Path(member.name).parts
+                label = CIFAR10_CLASSES.index(parts[-2])
+                number = int(Path(parts[-1]).stem)
+                with Image.open(io.BytesIO(tar.extractfile(member).read())) as img:
+                    entries.append((label, number, np.asarray(img.convert("RGB"))))
+    except (tarfile.TarError, OSError, ValueError) as exc:
+        raise AutoDFPError(f"cannot read {tar_path}: {exc}") from None
+    entries.sort(key=lambda e: (e[0], e[1]))
+    x = np.stack([e[2] for e in entries])
+    y = np.array([e[0] for e in entries], dtype=np.int64)
+    k = np.array([e[1] for e in entries], dtype=np.int64)
+    return x, y, k
+
+
+def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_user_data(path: str | Path) -> ImageSet:
+    """User images: an ``.npz`` with ``x`` (N,H,W,3 uint8) and ``y``, or an ImageFolder tree.
+
+    An ImageFolder tree has one sub-folder per class; classes are numbered in sorted order.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise AutoDFPError(f"data path not found: {path}")
+    if path.suffix == ".npz":
+        return _load_npz(path)
+    if path.is_dir():
+        return _load_image_folder(path)
+    raise AutoDFPError(f"data path must be an .npz file or a folder of class folders: {path}")
+
+
+def _load_npz(path: Path) -> ImageSet:
+    try:
+        with np.load(path) as data:
+            if "x" not in data or "y" not in data:
+                raise AutoDFPError(f"{path} must hold arrays 'x' and 'y'")
+            x, y = data["x"], data["y"].astype(np.int64)
+    except (OSError, ValueError) as exc:
+        raise AutoDFPError(f"cannot read {path}: {exc}") from None
+    if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != np.uint8:
+        raise AutoDFPError(f"{path}: 'x' must be uint8 (N,H,W,3), got {x.dtype} {x.shape}")
+    if len(x) != len(y):
+        raise AutoDFPError(f"{path}: {len(x)} images but {len(y)} labels")
+    return ImageSet(path.stem, x, y)
+
+
+def _load_image_folder(root: Path) -> ImageSet:
+    from PIL import Image
+
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise AutoDFPError(f"{root} has no class sub-folders")
+    images, labels = [], []
+    for label, cls in enumerate(classes):
+        for file in sorted((root / cls).iterdir()):
+            if file.suffix.lower() in IMAGE_SUFFIXES:
+                with Image.open(file) as img:
+                    images.append(np.asarray(img.convert("RGB")))
+                labels.append(label)
+    if not images:
+        raise AutoDFPError(f"{root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    if len({im.shape for im in images}) != 1:
+        raise AutoDFPError(f"{root}: images differ in size; resize them to one size first")
+    return ImageSet(root.name, np.stack(images), np.array(labels, dtype=np.int64))
+
+
+def to_tensor(x: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """uint8 NHWC -> normalised float32 NCHW."""
+    t = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).float().div_(255.0)
+    m = torch.tensor(mean).view(1, -1, 1, 1)
+    s = torch.tensor(std).view(1, -1, 1, 1)
+    return t.sub_(m).div_(s).contiguous()

@@ -1,0 +1,49 @@
+"""Atomic writes: a reader sees the old file, the new file, or nothing; never half of one."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from autodfp.errors import AutoDFPError
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_directory(out: Path, *, overwrite: bool = False):
+    """Yield a scratch folder that becomes ``out`` only when the block succeeds."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise AutoDFPError(f"output path exists and is not a folder: {out}")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise AutoDFPError(f"output folder {out} is not empty; pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        yield scratch
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(scratch, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(scratch, out)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise

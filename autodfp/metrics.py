@@ -1,0 +1,75 @@
+"""Cost and quality of a model: MACs/FLOPs, parameters, top-1 accuracy, latency."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+from autodfp.data import ImageSet, to_tensor
+from autodfp.models import ModelSpec
+
+
+@dataclass(frozen=True)
+class Cost:
+    macs: int
+    """Multiply-accumulates of one forward pass at batch 1 (Torch-Pruning's counter)."""
+    params: int
+
+    @property
+    def flops(self) -> int:
+        """2 x MACs; papers on CIFAR ResNets often call MACs "FLOPs" (ResNet-56: 125.5M MACs)."""
+        return 2 * self.macs
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "flops": self.flops}
+
+
+def model_cost(model: nn.Module, spec: ModelSpec) -> Cost:
+    macs, params = tp.utils.count_ops_and_params(model, spec.example_input())
+    return Cost(int(macs), int(params))
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, images: ImageSet, spec: ModelSpec, *, batch_size: int = 500,
+            device: str | torch.device = "cpu", progress: bool = False) -> np.ndarray:
+    """Predicted class of every image."""
+    from tqdm import tqdm
+
+    model = model.eval().to(device)
+    predictions = []
+    starts = range(0, len(images), batch_size)
+    for start in tqdm(starts, desc=f"evaluating {images.name}", unit="batch",
+                      disable=None if progress else True, leave=False):
+        x = to_tensor(images.x[start:start + batch_size], spec.mean, spec.std).to(device)
+        predictions.append(model(x).argmax(1).cpu())
+    return torch.cat(predictions).numpy()
+
+
+def accuracy(model: nn.Module, images: ImageSet, spec: ModelSpec, **kwargs) -> float:
+    """Top-1 accuracy in percent."""
+    return float((predict(model, images, spec, **kwargs) == images.y).mean() * 100.0)
+
+
+@torch.inference_mode()
+def latency_ms(model: nn.Module, spec: ModelSpec, batch_size: int, *, repeats: int = 20,
+               warmup: int = 3, device: str | torch.device = "cpu") -> float:
+    """Median wall time of one forward pass, in milliseconds."""
+    model = model.eval().to(device)
+    x = spec.example_input(batch_size).to(device)
+    times = []
+    for i in range(warmup + repeats):
+        if str(device).startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        model(x)
+        if str(device).startswith("cuda"):
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)

@@ -1,0 +1,98 @@
+"""Apply a :class:`Strategy` to a pretrained model: select, reconstruct, cut (in that order).
+
+Groups are processed in forward order on the current weights, so a consumer that is itself the
+producer of a later group is selected on its already-compensated filters (the same order as the
+official Neuron Merging code). Every step is deterministic on the CPU: replaying a strategy
+gives bit-identical weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch.nn as nn
+
+from autodfp.errors import AutoDFPError
+from autodfp.graph import ChannelGraph
+from autodfp.models import ModelSpec, build_model
+from autodfp.reconstruction import reconstruct
+from autodfp.selection import get_criterion
+from autodfp.strategy import LayerAction, Strategy, file_sha256
+
+
+@dataclass
+class PrunedModel:
+    model: nn.Module
+    spec: ModelSpec
+    strategy: Strategy
+    channels: dict[str, int]
+    """Channels each prunable group has after pruning (all groups, pruned or not)."""
+    compensated: list[str] = field(default_factory=list)
+    """Groups whose pruned channels were folded into their consumers."""
+    excluded: dict[str, str] = field(default_factory=dict)
+    """Groups the graph would not prune, with the reason."""
+
+
+def load_base(strategy: Strategy) -> tuple[nn.Module, ModelSpec]:
+    """The unpruned model a strategy starts from, checking the checkpoint digest."""
+    model, spec = build_model(strategy.model, strategy.checkpoint)
+    if strategy.checkpoint_sha256:
+        path = Path(strategy.checkpoint) if strategy.checkpoint else spec.default_checkpoint()
+        if file_sha256(path) != strategy.checkpoint_sha256:
+            raise AutoDFPError(f"checkpoint {path} differs from the one this strategy was made "
+                               "on (sha256 mismatch)")
+    return model, spec
+
+
+def checkpoint_digest(model_name: str, checkpoint: str | None) -> str | None:
+    from autodfp.models import get_spec
+
+    path = Path(checkpoint) if checkpoint else get_spec(model_name).default_checkpoint()
+    return file_sha256(path) if path is not None and path.is_file() else None
+
+
+def apply_strategy(strategy: Strategy, base: tuple[nn.Module, ModelSpec] | None = None
+                   ) -> PrunedModel:
+    """Prune ``base`` (or a freshly loaded model) in place according to ``strategy``."""
+    model, spec = base if base is not None else load_base(strategy)
+    graph = ChannelGraph(model, spec.example_input())
+    unknown = [name for name in strategy.layers if name not in graph.groups]
+    if unknown:
+        graph.group(unknown[0])  # raises with the reason
+    criterion = get_criterion(strategy.select)
+    compensated = []
+    for name, group in graph.groups.items():
+        action = strategy.layers.get(name)
+        if action is None:
+            continue
+        n_keep = action.kept_channels(group.channels)
+        if n_keep == group.channels:
+            continue
+        keep = criterion.select(group.producer.weight, n_keep)
+        if reconstruct(strategy.reconstruct, group, keep, action.coef, strategy.options):
+            compensated.append(name)
+        graph.prune(name, keep)
+    return PrunedModel(model, spec, strategy,
+                       {n: g.channels for n, g in graph.groups.items()}, compensated,
+                       {g.name: g.reason for g in graph.excluded})
+
+
+def prunable_groups(model_name: str, checkpoint: str | None = None) -> dict[str, int]:
+    """Name -> channel count of every prunable group of a model."""
+    model, spec = build_model(model_name, checkpoint, pretrained=False)
+    graph = ChannelGraph(model, spec.example_input())
+    return {n: g.channels for n, g in graph.groups.items()}
+
+
+def uniform_strategy(model_name: str, keep: float, *, select: str = "l1",
+                     reconstruct: str = "neuron-merging", coef: float = 1.0,
+                     checkpoint: str | None = None, **option_overrides) -> Strategy:
+    """The same keep ratio for every prunable group."""
+    from autodfp.reconstruction import ReconstructionOptions
+
+    action = LayerAction(keep, coef)
+    layers = {name: action for name in prunable_groups(model_name, checkpoint)}
+    return Strategy(model_name, layers, select, reconstruct, checkpoint,
+                    checkpoint_digest(model_name, checkpoint),
+                    ReconstructionOptions(**option_overrides))

@@ -1,0 +1,103 @@
+"""Reports: how a pruned model compares with its parent, as a dict and as a printed table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch.nn as nn
+
+from autodfp.data import ImageSet, cache_dir, load_split
+from autodfp.io import atomic_write_text
+from autodfp.metrics import Cost, accuracy, latency_ms, model_cost
+from autodfp.models import ModelSpec
+from autodfp.pruning import PrunedModel, load_base
+
+REPORT_SPLITS = ("test-lossless", "test-jpeg")
+
+
+def evaluate_splits(model: nn.Module, spec: ModelSpec, splits: list[ImageSet], *,
+                    progress: bool = False) -> dict[str, float]:
+    return {s.name: accuracy(model, s, spec, progress=progress) for s in splits}
+
+
+def base_accuracies(pruned: PrunedModel, splits: list[ImageSet], *,
+                    progress: bool = False) -> dict[str, float]:
+    """Accuracy of the unpruned parent, cached by checkpoint digest (it never changes)."""
+    digest = pruned.strategy.checkpoint_sha256
+    cache = cache_dir() / f"base-accuracy-{pruned.strategy.model.replace(':', '_')}-{digest}.json"
+    known = {}
+    if digest and cache.is_file():
+        try:
+            known = json.loads(cache.read_text())
+        except (OSError, json.JSONDecodeError):
+            known = {}
+    missing = [s for s in splits if s.name not in known or len(s) != known[s.name]["n"]]
+    if missing:
+        model, spec = load_base(pruned.strategy)
+        for split in missing:
+            known[split.name] = {"n": len(split),
+                                 "acc": accuracy(model, split, spec, progress=progress)}
+        if digest:
+            atomic_write_text(cache, json.dumps(known, indent=1))
+    return {s.name: known[s.name]["acc"] for s in splits}
+
+
+def build_report(pruned: PrunedModel, splits: list[ImageSet] | None = None, *,
+                 base_cost: Cost | None = None, latency: bool = False,
+                 progress: bool = False) -> dict:
+    if splits is None:
+        splits = [load_split(name) for name in REPORT_SPLITS]
+    if base_cost is None:
+        base_model, _ = load_base(pruned.strategy)
+        base_cost = model_cost(base_model, pruned.spec)
+    cost = model_cost(pruned.model, pruned.spec)
+    report = {
+        "model": pruned.strategy.model,
+        "select": pruned.strategy.select,
+        "reconstruct": pruned.strategy.reconstruct,
+        "base": {**base_cost.as_dict(),
+                 "accuracy": base_accuracies(pruned, splits, progress=progress)},
+        "pruned": {**cost.as_dict(),
+                   "accuracy": evaluate_splits(pruned.model, pruned.spec, splits,
+                                               progress=progress)},
+        "ratios": {"macs": cost.macs / base_cost.macs, "params": cost.params / base_cost.params},
+        "images": {s.name: len(s) for s in splits},
+        "channels": pruned.channels,
+        "compensated": pruned.compensated,
+        "excluded": pruned.excluded,
+    }
+    if latency:
+        report["pruned"]["latency_ms"] = {
+            f"batch{b}": latency_ms(pruned.model, pruned.spec, b) for b in (1, 256)}
+    return report
+
+
+def format_report(report: dict) -> str:
+    base, pruned = report["base"], report["pruned"]
+    rows = [("", "base", "pruned", "ratio"),
+            ("MACs (M)", f"{base['macs'] / 1e6:.2f}", f"{pruned['macs'] / 1e6:.2f}",
+             f"{report['ratios']['macs']:.3f}"),
+            ("params (K)", f"{base['params'] / 1e3:.1f}", f"{pruned['params'] / 1e3:.1f}",
+             f"{report['ratios']['params']:.3f}")]
+    for split, acc in pruned["accuracy"].items():
+        before = base["accuracy"][split]
+        n = report["images"][split]
+        rows.append((f"top-1 {split} ({n}) %", f"{before:.2f}", f"{acc:.2f}",
+                     f"{acc - before:+.2f} pt"))
+    for key, value in pruned.get("latency_ms", {}).items():
+        rows.append((f"latency {key} (ms)", "", f"{value:.2f}", ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = [f"{report['model']}  select={report['select']}  "
+             f"reconstruct={report['reconstruct']}"]
+    lines += ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                        for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
+    if report.get("excluded"):
+        lines.append(f"not pruned: {len(report['excluded'])} group(s), e.g. "
+                     f"{next(iter(report['excluded'].items()))[0]}: "
+                     f"{next(iter(report['excluded'].values()))}")
+    return "\n".join(lines)
+
+
+def read_report(folder: Path) -> dict:
+    return json.loads((Path(folder) / "report.json").read_text())

@@ -1,0 +1,113 @@
+"""A pruning strategy: a plain JSON value that rebuilds the same pruned weights anywhere.
+
+.. code-block:: json
+
+    {"format": "autodfp-strategy/1", "model": "resnet56", "checkpoint": null,
+     "checkpoint_sha256": "…", "select": "l1", "reconstruct": "neuron-merging",
+     "options": {"nm_lambda": 0.85, …},
+     "layers": {"layer1.0.conv1": {"keep": 0.5, "coef": 1.0}, …}}
+
+``keep`` is the kept share of the group's output channels; the kept count is
+``round_half_up(keep * channels)``, at least 1. ``coef`` is the reconstruction coefficient
+(used by the ``autodfp`` reconstruction). Layers not listed are left whole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from autodfp.errors import AutoDFPError
+from autodfp.io import atomic_write_text
+from autodfp.reconstruction import METHODS, ReconstructionOptions
+from autodfp.selection import CRITERIA
+
+FORMAT = "autodfp-strategy/1"
+
+
+@dataclass(frozen=True)
+class LayerAction:
+    keep: float
+    """Kept share of the group's channels, in (0, 1]."""
+    coef: float = 1.0
+    """Reconstruction coefficient in [0, 1]."""
+
+    def __post_init__(self):
+        if not (isinstance(self.keep, (int, float)) and 0.0 < self.keep <= 1.0):
+            raise AutoDFPError(f"keep ratio must be in (0, 1], got {self.keep!r}")
+        if not (isinstance(self.coef, (int, float)) and 0.0 <= self.coef <= 1.0):
+            raise AutoDFPError(f"reconstruction coefficient must be in [0, 1], got {self.coef!r}")
+
+    def kept_channels(self, channels: int) -> int:
+        return min(channels, max(1, math.floor(self.keep * channels + 0.5)))
+
+
+@dataclass
+class Strategy:
+    model: str
+    layers: dict[str, LayerAction]
+    select: str = "l1"
+    reconstruct: str = "neuron-merging"
+    checkpoint: str | None = None
+    """Checkpoint path; ``None`` for the registry's shipped weights."""
+    checkpoint_sha256: str | None = None
+    """Digest of the checkpoint the strategy was made on; checked when it is replayed."""
+    options: ReconstructionOptions = field(default_factory=ReconstructionOptions)
+
+    def __post_init__(self):
+        if self.select not in CRITERIA:
+            raise AutoDFPError(f"unknown selection criterion {self.select!r}; choose one of "
+                               f"{', '.join(CRITERIA)}")
+        if self.reconstruct not in METHODS:
+            raise AutoDFPError(f"unknown reconstruction {self.reconstruct!r}; choose one of "
+                               f"{', '.join(METHODS)}")
+
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT, "model": self.model, "checkpoint": self.checkpoint,
+            "checkpoint_sha256": self.checkpoint_sha256, "select": self.select,
+            "reconstruct": self.reconstruct, "options": dataclasses.asdict(self.options),
+            "layers": {name: dataclasses.asdict(a) for name, a in self.layers.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Strategy":
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise AutoDFPError(f"not an AutoDFP strategy (expected \"format\": \"{FORMAT}\")")
+        try:
+            layers = {str(n): LayerAction(**a) for n, a in data["layers"].items()}
+            return cls(model=data["model"], layers=layers, select=data["select"],
+                       reconstruct=data["reconstruct"], checkpoint=data.get("checkpoint"),
+                       checkpoint_sha256=data.get("checkpoint_sha256"),
+                       options=ReconstructionOptions(**data.get("options", {})))
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise AutoDFPError(f"malformed strategy: {type(exc).__name__}: {exc}") from None
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_text(Path(path), self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Strategy":
+        path = Path(path)
+        if not path.is_file():
+            raise AutoDFPError(f"strategy file not found: {path}")
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise AutoDFPError(f"cannot read strategy {path}: {exc}") from None
+        return cls.from_dict(data)
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
