@@ -88,14 +88,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_prune(args) -> int:
     from autodfp.export import write_model_folder
-    from autodfp.pruning import apply_strategy
+    from autodfp.pruning import apply_strategy, load_base
     from autodfp.report import build_report, format_report
 
     strategy = _strategy_from_args(args)
     _check_out(args.out, args.force)
+    base = load_base(strategy)
     _say(f"pruning {strategy.model}: {len(strategy.layers)} group(s), select={strategy.select}, "
          f"reconstruct={strategy.reconstruct}")
-    pruned = apply_strategy(strategy)
+    pruned = apply_strategy(strategy, base)
     report = build_report(pruned, latency=args.latency, progress=True)
     report = write_model_folder(pruned, report, args.out, overwrite=args.force,
                                 onnx=not args.no_onnx)

@@ -38,8 +38,10 @@ def write_model_folder(pruned: PrunedModel, report: dict, out: Path, *,
         torch.save(_model_payload(pruned), scratch / "model.pt")
         exports = {"model.pt": "state_dict + architecture (autodfp.export.load_pruned)"}
         example = pruned.spec.example_input()
-        traced = torch.jit.trace(pruned.model.eval(), example)
-        torch.jit.save(traced, str(scratch / "model.ts"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is what users load
+            traced = torch.jit.trace(pruned.model.eval(), example)
+            torch.jit.save(traced, str(scratch / "model.ts"))
         exports["model.ts"] = "TorchScript (torch.jit.load)"
         if onnx:
             exports["model.onnx"] = _try_onnx(pruned.model, example, scratch / "model.onnx")

@@ -167,14 +167,14 @@ def relu_cross_moments(mean: np.ndarray, sd: np.ndarray, rho: np.ndarray) -> np.
     """E[relu(a_i) relu(a_j)] for jointly Gaussian a with the given means, stds, correlations.
 
     Conditioning a_i on a_j leaves a 1-D integral over a_j, done by Gauss-Hermite quadrature;
-    the inner E[relu(a_i) | a_j] is closed-form.
+    the inner E[relu(a_i) | a_j] is closed-form. Entry (i, j) integrates over a_j, so a
+    constant channel j (sd 0) gives exactly E[relu(a_i)] * relu(mean_j): not symmetrised.
     """
     aj = mean[None, :, None] + sd[None, :, None] * _NODES[None, None, :]      # (1, n, Q)
     cond_mean = mean[:, None, None] + (sd[:, None] * rho)[..., None] * _NODES  # (n, n, Q)
     cond_sd = (sd[:, None] * np.sqrt(np.clip(1 - rho * rho, 0, 1)))[..., None]
     inner = relu_mean(cond_mean, np.broadcast_to(cond_sd, cond_mean.shape))
-    moments = (np.maximum(aj, 0.0) * inner) @ _WEIGHTS
-    return 0.5 * (moments + moments.T)
+    return (np.maximum(aj, 0.0) * inner) @ _WEIGHTS
 
 
 def udfc(filters: np.ndarray, keep: np.ndarray, bn: BNStats,
@@ -199,6 +199,7 @@ def udfc(filters: np.ndarray, keep: np.ndarray, bn: BNStats,
         order = np.argsort(-np.abs(rho[p, keep]), kind="stable")[:partners]
         k = keep[order]
         cov_kk = cov[np.ix_(k, k)]
+        cov_kk = 0.5 * (cov_kk + cov_kk.T)
         ridge = options.udfc_ridge * max(np.trace(cov_kk) / len(k), 1e-12)
         coeffs = np.linalg.solve(cov_kk + ridge * np.eye(len(k)), cov[k, p])
         merge[p, order] = coeffs

@@ -1,0 +1,109 @@
+"""Uniform data-free baselines on ResNet-56: every selection x reconstruction pair.
+
+    python bench/baselines.py [--model resnet56] [--keeps 0.8,0.6,0.5,0.4] [--out bench/results]
+
+Prints a Markdown table (accuracy on the lossless 1,017 and the JPEG 10,000, MACs, params)
+and the evaluation throughput beside the fp32 matmul rate measured in the same run; writes
+``baselines.json`` and ``baselines.md`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from autodfp.data import load_split
+from autodfp.io import atomic_write_text
+from autodfp.metrics import accuracy, model_cost
+from autodfp.models import build_model
+from autodfp.pruning import apply_strategy, uniform_strategy
+
+# (label, reconstruct, options, coef)
+RECONSTRUCTIONS = [
+    ("none", "none", {}, 1.0),
+    ("neuron-merging (official: sigma=var)", "neuron-merging", {"nm_sigma": "var"}, 1.0),
+    ("neuron-merging (sigma=std, default)", "neuron-merging", {"nm_sigma": "std"}, 1.0),
+    ("udfc", "udfc", {}, 1.0),
+    ("autodfp coef=0.75 (uniform)", "autodfp", {}, 0.75),
+]
+SELECTIONS = ["l1", "l2", "similarity"]
+
+
+def matmul_gflops(n: int = 1024, repeats: int = 10) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n ** 3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def images_per_second(model, images, spec) -> tuple[float, float]:
+    start = time.perf_counter()
+    acc = accuracy(model, images, spec)
+    return acc, len(images) / (time.perf_counter() - start)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet56")
+    parser.add_argument("--keeps", default="0.8,0.6,0.5,0.4")
+    parser.add_argument("--selections", default=",".join(SELECTIONS))
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args()
+    keeps = [float(k) for k in args.keeps.split(",")]
+    selections = args.selections.split(",")
+    lossless, jpeg = load_split("test-lossless"), load_split("test-jpeg")
+
+    base, spec = build_model(args.model)
+    base_cost = model_cost(base, spec)
+    gflops = matmul_gflops()
+    base_lossless = accuracy(base, lossless, spec)
+    base_jpeg, base_ips = images_per_second(base, jpeg, spec)
+    print(f"# {args.model}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{os.cpu_count()} cpus", flush=True)
+    print(f"fp32 matmul 1024^3: {gflops:.1f} GFLOP/s; unpruned evaluation {base_ips:.0f} images/s "
+          f"= {base_ips * base_cost.flops / 1e9:.1f} GFLOP/s "
+          f"({base_ips * base_cost.flops / 1e9 / gflops:.0%} of matmul)", flush=True)
+    rows = [{"keep": 1.0, "select": "-", "reconstruct": "unpruned", "lossless": base_lossless,
+             "jpeg": base_jpeg, "macs": base_cost.macs, "params": base_cost.params,
+             "images_per_s": base_ips}]
+    print("| keep | select | reconstruct | lossless 1,017 % | JPEG 10,000 % | MACs (M) | "
+          "params (K) | eval img/s |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(_row(rows[0]), flush=True)
+    for keep in keeps:
+        for select in selections:
+            for label, method, options, coef in RECONSTRUCTIONS:
+                strategy = uniform_strategy(args.model, keep, select=select,
+                                            reconstruct=method, coef=coef, **options)
+                pruned = apply_strategy(strategy)
+                cost = model_cost(pruned.model, spec)
+                jpeg_acc, ips = images_per_second(pruned.model, jpeg, spec)
+                row = {"keep": keep, "select": select, "reconstruct": label,
+                       "lossless": accuracy(pruned.model, lossless, spec), "jpeg": jpeg_acc,
+                       "macs": cost.macs, "params": cost.params, "images_per_s": ips}
+                rows.append(row)
+                print(_row(row), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {"model": args.model, "matmul_gflops": gflops, "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "cpus": os.cpu_count()}
+    atomic_write_text(args.out / "baselines.json", json.dumps({"meta": meta, "rows": rows},
+                                                              indent=1))
+    return 0
+
+
+def _row(r: dict) -> str:
+    return (f"| {r['keep']} | {r['select']} | {r['reconstruct']} | {r['lossless']:.2f} | "
+            f"{r['jpeg']:.2f} | {r['macs'] / 1e6:.1f} | {r['params'] / 1e3:.1f} | "
+            f"{r['images_per_s']:.0f} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
