@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from autodfp.data import load_split
@@ -56,7 +57,12 @@ def main() -> int:
     parser.add_argument("--keeps", default="0.8,0.6,0.5,0.4")
     parser.add_argument("--selections", default=",".join(SELECTIONS))
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--plot-only", action="store_true",
+                        help="redraw baselines.png from an earlier baselines.json")
     args = parser.parse_args()
+    if args.plot_only:
+        plot(json.loads((args.out / "baselines.json").read_text())["rows"], args.out)
+        return 0
     keeps = [float(k) for k in args.keeps.split(",")]
     selections = args.selections.split(",")
     lossless, jpeg = load_split("test-lossless"), load_split("test-jpeg")
@@ -96,7 +102,34 @@ def main() -> int:
             "threads": torch.get_num_threads(), "cpus": os.cpu_count()}
     atomic_write_text(args.out / "baselines.json", json.dumps({"meta": meta, "rows": rows},
                                                               indent=1))
+    plot(rows, args.out)
     return 0
+
+
+def plot(rows: list[dict], out: Path) -> None:
+    """Accuracy (lossless 1,017) against MACs, one panel per selection criterion."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+        return
+    base = rows[0]
+    selections = sorted({r["select"] for r in rows[1:]})
+    fig, axes = plt.subplots(1, len(selections), figsize=(5 * len(selections), 4), sharey=True)
+    for ax, select in zip(np.atleast_1d(axes), selections):
+        for label in dict.fromkeys(r["reconstruct"] for r in rows[1:]):
+            pts = sorted((r["macs"] / 1e6, r["lossless"]) for r in rows[1:]
+                         if r["select"] == select and r["reconstruct"] == label)
+            ax.plot(*zip(*pts), marker="o", label=label)
+        ax.axhline(base["lossless"], color="grey", linestyle="--", label="unpruned")
+        ax.set(title=f"select={select}", xlabel="MACs (M)")
+    np.atleast_1d(axes)[0].set_ylabel("top-1 %, lossless 1,017")
+    np.atleast_1d(axes)[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "baselines.png", dpi=110)
+    print(f"wrote {out / 'baselines.png'}", file=sys.stderr)
 
 
 def _row(r: dict) -> str:
