@@ -154,8 +154,9 @@ def cmd_eval(args) -> int:
               else [load_split(name) for name in REPORT_SPLITS])
     cost = model_cost(model, spec)
     print(f"{label}: {cost.macs / 1e6:.2f}M MACs, {cost.params / 1e3:.1f}K params")
-    for name, acc in evaluate_splits(model, spec, splits, progress=True).items():
-        print(f"  top-1 {name} ({len(next(s for s in splits if s.name == name))}): {acc:.2f}%")
+    accuracies = evaluate_splits(model, spec, splits, progress=True)
+    for split in splits:
+        print(f"  top-1 {split.name} ({len(split)}): {accuracies[split.name]:.2f}%")
     if args.latency:
         for batch in (1, 256):
             print(f"  latency batch {batch}: {latency_ms(model, spec, batch):.2f} ms")

@@ -15,8 +15,8 @@ import torch.nn as nn
 
 from autodfp.errors import AutoDFPError
 from autodfp.graph import ChannelGraph
-from autodfp.models import ModelSpec, build_model
-from autodfp.reconstruction import reconstruct
+from autodfp.models import ModelSpec, build_model, get_spec
+from autodfp.reconstruction import ReconstructionOptions, reconstruct
 from autodfp.selection import get_criterion
 from autodfp.strategy import LayerAction, Strategy, file_sha256
 
@@ -46,8 +46,6 @@ def load_base(strategy: Strategy) -> tuple[nn.Module, ModelSpec]:
 
 
 def checkpoint_digest(model_name: str, checkpoint: str | None) -> str | None:
-    from autodfp.models import get_spec
-
     path = Path(checkpoint) if checkpoint else get_spec(model_name).default_checkpoint()
     return file_sha256(path) if path is not None and path.is_file() else None
 
@@ -89,8 +87,6 @@ def uniform_strategy(model_name: str, keep: float, *, select: str = "l1",
                      reconstruct: str = "neuron-merging", coef: float = 1.0,
                      checkpoint: str | None = None, **option_overrides) -> Strategy:
     """The same keep ratio for every prunable group."""
-    from autodfp.reconstruction import ReconstructionOptions
-
     action = LayerAction(keep, coef)
     layers = {name: action for name in prunable_groups(model_name, checkpoint)}
     return Strategy(model_name, layers, select, reconstruct, checkpoint,

@@ -1,1 +1,5 @@
-"""Gymnasium MDP over the autodfp library (layer 2). Not built yet: see issue 3."""
+"""Gymnasium MDP over the autodfp library (layer 2)."""
+
+from envs.autodfp_env import AutoDFPEnv, EnvConfig
+
+__all__ = ["AutoDFPEnv", "EnvConfig"]

@@ -1,0 +1,80 @@
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+
+from autodfp.data import reward_split
+from autodfp.errors import AutoDFPError
+from autodfp.metrics import accuracy, model_cost
+from autodfp.models import build_model
+from autodfp.pruning import apply_strategy
+from autodfp.strategy import Strategy
+from envs.autodfp_env import AutoDFPEnv
+
+CONFIG = {"model": "resnet20", "reward_size": 100, "macs_budget": 0.6, "keep_lower": 0.25}
+
+
+@pytest.fixture(scope="module")
+def env():
+    return AutoDFPEnv(CONFIG)
+
+
+def run_episode(env, actions):
+    env.reset()
+    for action in actions:
+        obs, reward, terminated, truncated, info = env.step(action)
+        assert env.observation_space.contains(obs)
+    assert terminated and not truncated
+    return reward, info
+
+
+def test_env_passes_the_gymnasium_checker(env):
+    check_env(env, skip_render_check=True)
+    assert env.action_space.shape == (2,)
+    assert len(env._names) == 9
+
+
+def test_projection_keeps_the_budget_reachable_for_any_actions(env):
+    base, spec = build_model("resnet20")
+    base_macs = model_cost(base, spec).macs
+    rng = np.random.default_rng(0)
+    for episode in range(6):
+        actions = rng.random((9, 2)) if episode else np.ones((9, 2))  # greedy first
+        _, info = run_episode(env, actions)
+        assert info["macs_ratio"] <= CONFIG["macs_budget"] + 1e-9
+        pruned = apply_strategy(Strategy.from_dict(info["strategy"]))
+        assert model_cost(pruned.model, spec).macs / base_macs == pytest.approx(
+            info["macs_ratio"], abs=2e-3)
+        keeps = [layer["keep"] for layer in info["strategy"]["layers"].values()]
+        assert min(keeps) >= CONFIG["keep_lower"] - 1e-9
+
+
+def test_episode_reward_equals_an_independent_evaluation(env):
+    reward, info = run_episode(env, np.tile([0.6, 0.7], (9, 1)))
+    pruned = apply_strategy(Strategy.from_dict(info["strategy"]))
+    images = reward_split(CONFIG["reward_size"], 0)
+    assert reward == accuracy(pruned.model, images, pruned.spec) / 100.0
+    assert all(layer["coef"] == pytest.approx(0.7) for layer in info["strategy"]["layers"].values())
+    again, _ = run_episode(env, np.tile([0.6, 0.7], (9, 1)))
+    assert again == reward and len(env._cache) >= 1
+
+
+def test_rewards_are_zero_until_the_last_step(env):
+    env.reset()
+    rewards = [env.step(np.array([0.5, 0.5]))[1] for _ in range(9)]
+    assert rewards[:-1] == [0.0] * 8 and rewards[-1] > 0.1
+
+
+def test_observation_tracks_what_has_been_removed(env):
+    first, _ = env.reset()
+    after, *_ = env.step(np.array([0.0, 0.0]))
+    removed_index = env._static.shape[1]
+    assert first[removed_index] == 0.0 and after[removed_index] > 0.0
+
+
+def test_bad_configs_are_clear():
+    with pytest.raises(AutoDFPError, match="unreachable"):
+        AutoDFPEnv({**CONFIG, "macs_budget": 0.05})
+    with pytest.raises(AutoDFPError, match="unknown env_config key"):
+        AutoDFPEnv({**CONFIG, "flops": 0.5})
+    with pytest.raises(AutoDFPError, match="macs_budget"):
+        AutoDFPEnv({**CONFIG, "macs_budget": 1.5})
