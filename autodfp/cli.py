@@ -41,10 +41,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def new_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     parser = _Parser(prog="autodfp", description="Data-free pruning of pretrained CNNs.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    return parser, parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
+
+def add_core_commands(sub) -> dict:
+    """Add prune, eval and models to ``sub``; returns command name -> handler."""
     prune = sub.add_parser("prune", help="prune a model with a uniform ratio or a strategy file")
     prune.add_argument("--model", help="registry name (see `autodfp models`) or pkg.module:factory")
     prune.add_argument("--checkpoint", help="weights file (default: the shipped weights)")
@@ -58,10 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--nm-sigma", choices=("std", "var"), default="std",
                        help="Neuron Merging sigma: std = sqrt(var+eps) (default, better), "
                             "var = running_var as in the official code")
-    prune.add_argument("--out", type=Path, required=True, help="output folder (written atomically)")
-    prune.add_argument("--force", action="store_true", help="replace a non-empty --out")
-    prune.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
-    prune.add_argument("--latency", action="store_true", help="also time batch 1 and 256")
+    add_output_arguments(prune)
 
     ev = sub.add_parser("eval", help="accuracy of a pruned-model folder or a zoo model")
     ev.add_argument("folder", nargs="?", type=Path, help="folder written by `autodfp prune`")
@@ -71,13 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--latency", action="store_true", help="also time batch 1 and 256")
 
     sub.add_parser("models", help="list the model zoo")
-    return parser
+    return {"prune": cmd_prune, "eval": cmd_eval, "models": cmd_models}
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def add_output_arguments(parser) -> None:
+    parser.add_argument("--out", type=Path, required=True,
+                        help="output folder (written atomically)")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
+    parser.add_argument("--latency", action="store_true", help="also time batch 1 and 256")
+
+
+def dispatch(parser, handlers: dict, argv: list[str] | None) -> int:
+    args = parser.parse_args(argv)
     try:
-        return {"prune": cmd_prune, "eval": cmd_eval, "models": cmd_models}[args.command](args)
+        return handlers[args.command](args)
     except AutoDFPError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -86,23 +94,35 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def main(argv: list[str] | None = None) -> int:
+    """The core commands only (no Ray); the ``autodfp`` script is :func:`launch.cli.main`."""
+    parser, sub = new_parser()
+    return dispatch(parser, add_core_commands(sub), argv)
+
+
 def cmd_prune(args) -> int:
-    from autodfp.export import write_model_folder
     from autodfp.pruning import apply_strategy, load_base
-    from autodfp.report import build_report, format_report
 
     strategy = _strategy_from_args(args)
-    _check_out(args.out, args.force)
+    check_out(args.out, args.force)
     base = load_base(strategy)
     _say(f"pruning {strategy.model}: {len(strategy.layers)} group(s), select={strategy.select}, "
          f"reconstruct={strategy.reconstruct}")
-    pruned = apply_strategy(strategy, base)
-    report = build_report(pruned, latency=args.latency, progress=True)
+    write_pruned(apply_strategy(strategy, base), args)
+    return 0
+
+
+def write_pruned(pruned, args, extra_report: dict | None = None) -> dict:
+    """Evaluate, write ``args.out`` atomically and print the table (prune and export)."""
+    from autodfp.export import write_model_folder
+    from autodfp.report import build_report, format_report
+
+    report = {**build_report(pruned, latency=args.latency, progress=True), **(extra_report or {})}
     report = write_model_folder(pruned, report, args.out, overwrite=args.force,
                                 onnx=not args.no_onnx)
     print(format_report(report))
     print(f"wrote {args.out}/ ({', '.join(report['exports'])}, strategy.json, report.json)")
-    return 0
+    return report
 
 
 def _strategy_from_args(args):
@@ -127,7 +147,7 @@ def _strategy_from_args(args):
                             checkpoint=args.checkpoint, nm_sigma=args.nm_sigma)
 
 
-def _check_out(out: Path, force: bool) -> None:
+def check_out(out: Path, force: bool) -> None:
     """Fail before any work, not after minutes of evaluation."""
     if out.exists() and not out.is_dir():
         raise AutoDFPError(f"output path exists and is not a folder: {out}")

@@ -48,8 +48,10 @@ class EnvConfig:
     """Selection criterion (autodfp.selection)."""
     reconstruct: str = "autodfp"
     """Reconstruction method (autodfp.reconstruction)."""
-    device: str = "cpu"
-    """Where rewards are evaluated."""
+    device: str = "auto"
+    """Where rewards are evaluated: ``auto`` takes the GPU this process was given, if any."""
+    torch_threads: int = 0
+    """Torch CPU threads in this process; 0 leaves torch's default (set per env runner)."""
 
     @classmethod
     def from_dict(cls, env_config: dict | None) -> "EnvConfig":
@@ -66,19 +68,32 @@ class EnvConfig:
         return config
 
 
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise AutoDFPError(f"device {device!r} asked for, but no GPU is visible to this process")
+    return device
+
+
 class AutoDFPEnv(gym.Env):
     metadata = {"render_modes": []}
 
     def __init__(self, env_config: dict | None = None):
         self.config = EnvConfig.from_dict(env_config)
+        if self.config.torch_threads > 0:
+            import torch
+            torch.set_num_threads(self.config.torch_threads)
         base_strategy = Strategy(self.config.model, {}, self.config.select,
                                  self.config.reconstruct, self.config.checkpoint,
                                  checkpoint_digest(self.config.model, self.config.checkpoint))
         self._template = base_strategy
         self._base_model, self._spec = load_base(base_strategy)
-        self._base_model.to(self.config.device)
+        self.device = _resolve_device(self.config.device)  # pruned copies are evaluated there
         self._images = reward_split(self.config.reward_size, self.config.reward_seed)
-        self._names, self._channels, self._static = self._describe_groups()
+        self.group_names, self._channels, self._static = self._describe_groups()
         self._fixed_macs, self._group_macs = self._macs_model()
         self._check_budget_reachable()
         self._cache: dict[str, float] = {}
@@ -89,7 +104,7 @@ class AutoDFPEnv(gym.Env):
     # -- set-up --------------------------------------------------------------------------
 
     def _describe_groups(self):
-        model = copy.deepcopy(self._base_model).cpu()
+        model = copy.deepcopy(self._base_model)
         graph = ChannelGraph(model, self._spec.example_input())
         names = list(graph.groups)
         if not names:
@@ -106,12 +121,11 @@ class AutoDFPEnv(gym.Env):
 
     def _macs_model(self) -> tuple[float, np.ndarray]:
         """MACs = fixed + sum_i group_macs[i] * keep_i (exact for groups that share no conv)."""
-        base_macs = model_cost(self._base_model.cpu(), self._spec).macs
-        self._base_model.to(self.config.device)
+        base_macs = model_cost(self._base_model, self._spec).macs
         per_group = []
-        for name, channels in zip(self._names, self._channels):
-            half = Strategy(**{**self._strategy_fields(), "layers": {name: LayerAction(0.5)}})
-            pruned = apply_strategy(half, (copy.deepcopy(self._base_model).cpu(), self._spec))
+        for name, channels in zip(self.group_names, self._channels):
+            half = Strategy(**{**self.strategy_fields(), "layers": {name: LayerAction(0.5)}})
+            pruned = apply_strategy(half, (copy.deepcopy(self._base_model), self._spec))
             kept = LayerAction(0.5).kept_channels(int(channels)) / channels
             saved = base_macs - model_cost(pruned.model, self._spec).macs
             per_group.append(saved / (1.0 - kept))
@@ -119,7 +133,7 @@ class AutoDFPEnv(gym.Env):
         self._base_macs = float(base_macs)
         return float(base_macs - group_macs.sum()), group_macs
 
-    def _strategy_fields(self) -> dict:
+    def strategy_fields(self) -> dict:
         t = self._template
         return {"model": t.model, "select": t.select, "reconstruct": t.reconstruct,
                 "checkpoint": t.checkpoint, "checkpoint_sha256": t.checkpoint_sha256}
@@ -140,8 +154,8 @@ class AutoDFPEnv(gym.Env):
     def reset(self, *, seed=None, options=None):
         super().reset(seed=seed)
         self._t = 0
-        self._kept = np.zeros(len(self._names), dtype=np.int64)
-        self._coefs = np.zeros(len(self._names))
+        self._kept = np.zeros(len(self.group_names), dtype=np.int64)
+        self._coefs = np.zeros(len(self.group_names))
         self._prev_action = np.zeros(2)
         return self._get_obs(), {}
 
@@ -151,18 +165,18 @@ class AutoDFPEnv(gym.Env):
         self._coefs[self._t] = action[1]
         self._prev_action = np.array([self._kept[self._t] / self._channels[self._t], action[1]])
         self._t += 1
-        if self._t < len(self._names):
+        if self._t < len(self.group_names):
             return self._get_obs(), 0.0, False, False, {}
         strategy = self.strategy()
-        reward = self._evaluate(strategy)
+        reward = self.evaluate(strategy)
         info = {"accuracy": reward, "macs_ratio": self.macs_ratio(), "strategy": strategy.to_dict()}
         return self._get_obs(), reward, True, False, info
 
     def _get_obs(self) -> np.ndarray:
-        t = min(self._t, len(self._names) - 1)
+        t = min(self._t, len(self.group_names) - 1)
         done = self._kept[: self._t]
         removed = (self._group_macs[: self._t] * (1 - done / self._channels[: self._t])).sum()
-        later = self._group_macs[t + 1:].sum() if self._t < len(self._names) else 0.0
+        later = self._group_macs[t + 1:].sum() if self._t < len(self.group_names) else 0.0
         dynamic = [removed / self._base_macs, later / self._base_macs, *self._prev_action]
         obs = np.concatenate([self._static[t], dynamic])
         return np.clip(obs, 0.0, 1.0).astype(np.float32)
@@ -182,18 +196,28 @@ class AutoDFPEnv(gym.Env):
         return int(np.clip(wanted, lower[t], max(lower[t], min(channels, most))))
 
     def macs_ratio(self) -> float:
-        kept = self._kept / self._channels
-        return float((self._fixed_macs + (self._group_macs * kept).sum()) / self._base_macs)
+        return self._macs_ratio(self._kept)
+
+    def macs_ratio_of(self, strategy: Strategy) -> float:
+        """MACs share of a strategy under this env's cost model (no pruning done)."""
+        kept = [strategy.layers[n].kept_channels(int(c)) if n in strategy.layers else c
+                for n, c in zip(self.group_names, self._channels)]
+        return self._macs_ratio(np.array(kept))
+
+    def _macs_ratio(self, kept: np.ndarray) -> float:
+        share = kept / self._channels
+        return float((self._fixed_macs + (self._group_macs * share).sum()) / self._base_macs)
 
     def strategy(self) -> Strategy:
         layers = {name: LayerAction(float(k / c), float(coef))
-                  for name, k, c, coef in zip(self._names, self._kept, self._channels, self._coefs)}
-        return Strategy(**self._strategy_fields(), layers=layers)
+                  for name, k, c, coef in zip(self.group_names, self._kept, self._channels, self._coefs)}
+        return Strategy(**self.strategy_fields(), layers=layers)
 
-    def _evaluate(self, strategy: Strategy) -> float:
+    def evaluate(self, strategy: Strategy) -> float:
+        """Accuracy (fraction) of ``strategy`` on the reward split, cached."""
         key = strategy.to_json()
         if key not in self._cache:
             pruned = apply_strategy(strategy, (copy.deepcopy(self._base_model), self._spec))
             self._cache[key] = accuracy(pruned.model, self._images, self._spec,
-                                        device=self.config.device) / 100.0
+                                        device=self.device) / 100.0
         return self._cache[key]

@@ -25,6 +25,6 @@ def jpeg_test():
 def run_cli(*args, env=None, cwd=None):
     """Run the installed console entry point in a subprocess, as a user would."""
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "autodfp.cli", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "launch.cli", *map(str, args)],
                           capture_output=True, text=True, env=full_env, cwd=cwd or ROOT,
                           timeout=600)

@@ -30,7 +30,7 @@ def run_episode(env, actions):
 def test_env_passes_the_gymnasium_checker(env):
     check_env(env, skip_render_check=True)
     assert env.action_space.shape == (2,)
-    assert len(env._names) == 9
+    assert len(env.group_names) == 9
 
 
 def test_projection_keeps_the_budget_reachable_for_any_actions(env):

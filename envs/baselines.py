@@ -1,0 +1,70 @@
+"""Baselines in the search's own harness: same env, same budget, same reward set.
+
+- :func:`uniform_search`: one keep ratio for every group, the largest the MACs budget allows,
+  with each candidate reconstruction (and coefficient) scored on the reward set; the best wins.
+- :func:`random_search`: uniformly random actions through the same projection, as many
+  episodes as the SAC run had.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from autodfp.strategy import LayerAction, Strategy
+from envs.autodfp_env import AutoDFPEnv
+
+UNIFORM_CANDIDATES = (("neuron-merging", 1.0), ("autodfp", 0.25), ("autodfp", 0.5),
+                      ("autodfp", 0.75), ("autodfp", 1.0), ("none", 1.0))
+
+
+@dataclass
+class SearchOutcome:
+    name: str
+    strategy: Strategy
+    reward: float
+    """Accuracy (fraction) on the reward split, the quantity every search maximises."""
+    macs_ratio: float
+    curve: list[float] = field(default_factory=list)
+    """Best reward so far after each episode."""
+
+
+def uniform_search(env: AutoDFPEnv) -> SearchOutcome:
+    keep = largest_uniform_keep(env)
+    best = None
+    for method, coef in UNIFORM_CANDIDATES:
+        layers = {name: LayerAction(keep, coef) for name in env.group_names}
+        strategy = Strategy(**{**env.strategy_fields(), "reconstruct": method}, layers=layers)
+        reward = env.evaluate(strategy)
+        if best is None or reward > best.reward:
+            best = SearchOutcome(f"uniform keep {keep:.3f} ({method}, coef {coef:g})",
+                                 strategy, reward, env.macs_ratio_of(strategy))
+    return best
+
+
+def largest_uniform_keep(env: AutoDFPEnv, resolution: int = 512) -> float:
+    """The largest k on a 1/resolution grid whose uniform strategy fits the budget."""
+    for step in range(resolution, 0, -1):
+        keep = step / resolution
+        layers = {name: LayerAction(keep) for name in env.group_names}
+        if env.macs_ratio_of(Strategy(**env.strategy_fields(), layers=layers)) <= (
+                env.config.macs_budget + 1e-12):
+            return keep
+    raise ValueError("no uniform keep ratio fits the budget")
+
+
+def random_search(env: AutoDFPEnv, episodes: int, seed: int = 0) -> SearchOutcome:
+    rng = np.random.default_rng(seed)
+    best, curve = None, []
+    for _ in range(episodes):
+        env.reset()
+        terminated = False
+        while not terminated:
+            _, reward, terminated, _, info = env.step(rng.random(2))
+        if best is None or reward > best.reward:
+            best = SearchOutcome("random search", Strategy.from_dict(info["strategy"]), reward,
+                                 info["macs_ratio"])
+        curve.append(best.reward)
+    best.curve = curve
+    return best

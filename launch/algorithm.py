@@ -1,0 +1,170 @@
+"""RLlib SAC (new API stack) specialised for the AutoDFP search.
+
+Two things plain SAC lacks here:
+
+- The replay buffer is saved in checkpoints (ray-project/ray#43266: on the new stack it is not,
+  so a resumed SAC would restart on an empty buffer): :meth:`AutoDFPSAC.get_state` adds it.
+- Every finished episode passes through :class:`RecordingReplayBuffer.add` on the driver side,
+  where (a) the final reward is copied onto every step (AMC's trick; with ``gamma=0`` each
+  layer's action is credited with the episode's accuracy) and (b) the episode's strategy,
+  accuracy and MACs ratio are recorded. :meth:`AutoDFPSAC.step` turns those records into Tune
+  results (per-episode accuracy, MACs ratio, best strategy's per-layer keep ratios), an
+  ``episodes.jsonl`` log, and ``best.json`` written atomically into the trial folder. The best
+  strategy is part of the algorithm state, so it survives a resume.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from ray.rllib.algorithms.sac import SAC
+from ray.rllib.utils.replay_buffers.prioritized_episode_buffer import (
+    PrioritizedEpisodeReplayBuffer,
+)
+
+from autodfp.io import atomic_write_text
+
+BEST_FILE = "best.json"
+EPISODES_FILE = "episodes.jsonl"
+
+
+class RecordingReplayBuffer(PrioritizedEpisodeReplayBuffer):
+    def __init__(self, *args, reward_to_all_steps: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reward_to_all_steps = reward_to_all_steps
+        self.finished: list[dict] = []
+
+    def add(self, episodes, weight=None):
+        episodes = episodes if isinstance(episodes, list) else [episodes]
+        for episode in episodes:
+            if not episode.is_done:
+                continue
+            info = episode.get_infos(-1)
+            if "strategy" not in info:
+                continue
+            final = float(episode.get_rewards(-1))
+            if self.reward_to_all_steps:
+                episode.set_rewards(new_data=np.full(len(episode), final, dtype=np.float32))
+            self.finished.append(_plain({"accuracy": info["accuracy"],
+                                         "macs_ratio": info["macs_ratio"],
+                                         "strategy": info["strategy"]}))
+        super().add(episodes, weight)
+
+    def drain(self) -> list[dict]:
+        finished, self.finished = self.finished, []
+        return finished
+
+
+class AutoDFPSAC(SAC):
+    def setup(self, config):
+        super().setup(config)
+        self.autodfp = {"episodes": 0, "best": None}
+
+    def _create_local_replay_buffer_if_necessary(self, config):
+        # SACConfig.validate() accepts buffer types only by name, so the subclass is swapped
+        # in here rather than named in the config.
+        options = {k: v for k, v in config["replay_buffer_config"].items() if k != "type"}
+        options["metrics_num_episodes_for_smoothing"] = (
+            self.config.metrics_num_episodes_for_smoothing)
+        return RecordingReplayBuffer(**options)
+
+    # -- state ----------------------------------------------------------------------------
+
+    def get_state(self, components=None, *, not_components=None, **kwargs):
+        state = super().get_state(components, not_components=not_components, **kwargs)
+        state["autodfp"] = dict(self.autodfp)
+        if self.local_replay_buffer is not None:
+            state["replay_buffer"] = self.local_replay_buffer.get_state()
+        return state
+
+    def set_state(self, state):
+        super().set_state(state)
+        if "autodfp" in state:
+            self.autodfp = dict(state["autodfp"])
+            self._truncate_episode_log(self.autodfp["episodes"])
+        if "replay_buffer" in state and self.local_replay_buffer is not None:
+            self.local_replay_buffer.set_state(state["replay_buffer"])
+
+    # -- results --------------------------------------------------------------------------
+
+    def step(self):
+        result = super().step()
+        finished = self.local_replay_buffer.drain()
+        first = self.autodfp["episodes"]
+        for i, record in enumerate(finished):
+            best = self.autodfp["best"]
+            if best is None or record["accuracy"] > best["accuracy"]:
+                self.autodfp["best"] = {**record, "episode": first + i}
+        self.autodfp["episodes"] = first + len(finished)
+        self._log_episodes(finished, first)
+        result["autodfp"] = self._summary(finished)
+        return result
+
+    def _summary(self, finished: list[dict]) -> dict:
+        best = self.autodfp["best"]
+        summary = {"episodes_total": self.autodfp["episodes"],
+                   "episodes_this_iter": len(finished)}
+        if finished:
+            summary["accuracy_mean"] = float(np.mean([r["accuracy"] for r in finished]))
+            summary["accuracy_max"] = float(np.max([r["accuracy"] for r in finished]))
+            summary["macs_ratio_mean"] = float(np.mean([r["macs_ratio"] for r in finished]))
+        if best is not None:
+            summary["best_accuracy"] = best["accuracy"]
+            summary["best_macs_ratio"] = best["macs_ratio"]
+            summary["best_episode"] = best["episode"]
+            summary["best_keep"] = {name: layer["keep"]
+                                    for name, layer in best["strategy"]["layers"].items()}
+        return summary
+
+    # -- files in the trial folder ---------------------------------------------------------
+
+    def _trial_dir(self) -> Path | None:
+        storage = getattr(self, "_storage", None)
+        if storage is None or storage.trial_dir_name is None:
+            return None
+        return Path(storage.trial_fs_path)
+
+    def _log_episodes(self, finished: list[dict], first: int) -> None:
+        trial_dir = self._trial_dir()
+        if trial_dir is None:
+            return
+        trial_dir.mkdir(parents=True, exist_ok=True)
+        if finished:
+            with open(trial_dir / EPISODES_FILE, "a") as log:
+                for i, record in enumerate(finished):
+                    layers = record["strategy"]["layers"]
+                    log.write(json.dumps({
+                        "episode": first + i, "iteration": self.training_iteration,
+                        "accuracy": record["accuracy"], "macs_ratio": record["macs_ratio"],
+                        "keep": [layer["keep"] for layer in layers.values()],
+                        "coef": [layer["coef"] for layer in layers.values()]}) + "\n")
+        best = self.autodfp["best"]
+        if best is not None:
+            atomic_write_text(trial_dir / BEST_FILE, json.dumps(best, indent=2) + "\n")
+
+    def _truncate_episode_log(self, episodes: int) -> None:
+        """After a resume from an older checkpoint, forget the episodes logged after it."""
+        trial_dir = self._trial_dir()
+        log = trial_dir / EPISODES_FILE if trial_dir else None
+        if log is None or not log.is_file():
+            return
+        lines = [line for line in log.read_text().splitlines()
+                 if line.strip() and _episode_index(line) < episodes]
+        atomic_write_text(log, "".join(line + "\n" for line in lines))
+        best = self.autodfp["best"]
+        if best is not None:
+            atomic_write_text(trial_dir / BEST_FILE, json.dumps(best, indent=2) + "\n")
+
+
+def _plain(value):
+    """Episode infos come back with numpy scalars inside; JSON wants Python numbers."""
+    return json.loads(json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
+
+
+def _episode_index(line: str) -> int:
+    try:
+        return int(json.loads(line)["episode"])
+    except (ValueError, KeyError, TypeError):
+        return 1 << 62  # a torn last line from a killed run is dropped

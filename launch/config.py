@@ -1,0 +1,108 @@
+"""Search configuration: one dataclass, loaded from a YAML preset and CLI overrides.
+
+.. code-block:: yaml
+
+    name: resnet56-half
+    episodes: 600
+    env: {model: resnet56, macs_budget: 0.5, reward_size: 5000}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from autodfp.errors import AutoDFPError
+from envs.autodfp_env import EnvConfig
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+
+@dataclass
+class SearchConfig:
+    name: str = "autodfp"
+    """Experiment name: the run folder is ``<storage>/<name>``."""
+    storage: str = "runs"
+    """Folder holding run folders (made absolute)."""
+    env: dict = field(default_factory=dict)
+    """The environment's ``env_config`` (see :class:`envs.autodfp_env.EnvConfig`)."""
+    episodes: int = 300
+    """Stop after this many episodes (pruned networks evaluated, cache hits included)."""
+    warmup_episodes: int = 20
+    """Episodes of uniformly random actions before SAC starts learning."""
+    num_env_runners: int = 0
+    """Remote env runners; 0 samples inside the algorithm's own process."""
+    cpus_per_env_runner: float = 1.0
+    """CPUs reserved per env runner (fractional to fit many on a small machine)."""
+    gpus_per_env_runner: float = 0.0
+    """GPUs per env runner; the env evaluates on the GPU it is given."""
+    reward_to_all_steps: bool = True
+    """Copy the episode's final reward onto every step (with gamma 0, as AMC does)."""
+    gamma: float = 0.0
+    """Discount; 0 makes each layer's decision a bandit on the shared episode reward."""
+    actor_lr: float = 3e-4
+    """Learning rate of the policy."""
+    critic_lr: float = 3e-4
+    """Learning rate of the Q networks."""
+    batch_size: int = 64
+    """Transitions per SGD step."""
+    buffer_capacity: int = 20000
+    """Replay buffer capacity in steps (kept small: it is saved in checkpoints)."""
+    checkpoint_every: int = 5
+    """Checkpoint every this many training iterations (and at the end)."""
+    sample_timeout_s: float = 600.0
+    """Longest wait for an env runner's sample; above one episode's evaluation time."""
+    seed: int = 0
+    """Seed of the algorithm (and of the env's action sampling)."""
+
+    def __post_init__(self):
+        if self.episodes < 1:
+            raise AutoDFPError(f"episodes must be at least 1, got {self.episodes}")
+        if self.num_env_runners < 0 or self.gpus_per_env_runner < 0:
+            raise AutoDFPError("num_env_runners and gpus_per_env_runner must be >= 0")
+        self.env_config()  # validate early: unknown keys, bad budget
+
+    def env_config(self) -> EnvConfig:
+        return EnvConfig.from_dict(self.env)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SearchConfig":
+        if not isinstance(data, dict):
+            raise AutoDFPError("a search config must be a mapping of settings")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise AutoDFPError(f"unknown search config key(s): {', '.join(unknown)}; "
+                               f"known: {', '.join(sorted(known))}")
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise AutoDFPError(f"bad search config: {exc}") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SearchConfig":
+        """A YAML/JSON file, or the name of a preset in ``launch/presets``."""
+        import yaml
+
+        path = Path(path)
+        if not path.exists() and (PRESETS_DIR / f"{path}.yaml").exists():
+            path = PRESETS_DIR / f"{path}.yaml"
+        if not path.is_file():
+            presets = ", ".join(p.stem for p in sorted(PRESETS_DIR.glob("*.yaml")))
+            raise AutoDFPError(f"search config not found: {path} (presets: {presets})")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise AutoDFPError(f"cannot read search config {path}: {first}") from None
+        return cls.from_dict(data or {})
+
+    def save(self, path: Path) -> None:
+        from autodfp.io import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")

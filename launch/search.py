@@ -1,0 +1,240 @@
+"""Run, resume and inspect SAC searches through Ray Tune.
+
+A run folder ``<storage>/<name>`` holds Tune's experiment state, ``search.json`` (our config)
+and one trial folder with ``best.json``, ``episodes.jsonl``, ``progress.csv``, TensorBoard
+event files and checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from autodfp.errors import AutoDFPError
+from autodfp.pruning import prunable_groups
+from launch.config import SearchConfig
+
+SEARCH_FILE = "search.json"
+
+
+def build_algorithm_config(cfg: SearchConfig, steps_per_episode: int, cpus_per_runner: float):
+    from ray.rllib.algorithms.sac import SACConfig
+
+    from envs.autodfp_env import AutoDFPEnv
+    from launch.algorithm import AutoDFPSAC
+
+    env_config = {**cfg.env, "torch_threads": max(1, int(cpus_per_runner))}
+    return (
+        SACConfig(algo_class=AutoDFPSAC)
+        .environment(AutoDFPEnv, env_config=env_config)
+        .env_runners(num_env_runners=cfg.num_env_runners,
+                     num_cpus_per_env_runner=cpus_per_runner,
+                     num_gpus_per_env_runner=cfg.gpus_per_env_runner,
+                     batch_mode="complete_episodes",
+                     rollout_fragment_length=steps_per_episode,
+                     sample_timeout_s=cfg.sample_timeout_s)
+        .training(gamma=cfg.gamma, n_step=1, actor_lr=cfg.actor_lr, critic_lr=cfg.critic_lr,
+                  alpha_lr=cfg.actor_lr, train_batch_size_per_learner=cfg.batch_size,
+                  num_steps_sampled_before_learning_starts=cfg.warmup_episodes * steps_per_episode,
+                  replay_buffer_config={"type": "PrioritizedEpisodeReplayBuffer",
+                                        "capacity": cfg.buffer_capacity,
+                                        "reward_to_all_steps": cfg.reward_to_all_steps,
+                                        "alpha": 0.6, "beta": 0.4})
+        .reporting(min_sample_timesteps_per_iteration=steps_per_episode,
+                   metrics_num_episodes_for_smoothing=10)
+        .debugging(seed=cfg.seed, log_level="ERROR")
+    )
+
+
+def init_ray(address: str | None, num_cpus: int | None = None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0")
+    kwargs = dict(log_to_driver=False, include_dashboard=False, logging_level="ERROR",
+                  configure_logging=True)
+    if address:
+        try:
+            ray.init(address=address, **kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise AutoDFPError(f"cannot join the Ray cluster at {address}: "
+                               f"{str(exc).splitlines()[0]}") from None
+    else:
+        ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kwargs)
+
+
+def fit_resources(cfg: SearchConfig, local: bool) -> float:
+    """CPUs per env runner that fit the cluster, or a clear error."""
+    import ray
+
+    total = ray.cluster_resources()
+    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    need_gpus = cfg.num_env_runners * cfg.gpus_per_env_runner
+    if need_gpus > gpus:
+        raise AutoDFPError(f"{cfg.num_env_runners} env runner(s) x {cfg.gpus_per_env_runner} GPU "
+                           f"need {need_gpus:g} GPUs; the cluster has {gpus:g}")
+    if cfg.num_env_runners == 0:
+        return cfg.cpus_per_env_runner
+    free = cpus - 1.0  # the algorithm (and its learner) keep one CPU
+    need = cfg.num_env_runners * cfg.cpus_per_env_runner
+    if need <= free:
+        return cfg.cpus_per_env_runner
+    if local and free > 0:
+        fitted = round(free / cfg.num_env_runners, 3)
+        print(f"note: {cfg.num_env_runners} env runners x {cfg.cpus_per_env_runner:g} CPU do not "
+              f"fit {cpus:g} CPUs; using {fitted:g} CPU each", file=sys.stderr)
+        return fitted
+    raise AutoDFPError(f"{cfg.num_env_runners} env runners x {cfg.cpus_per_env_runner:g} CPU need "
+                       f"{need + 1:g} CPUs with the algorithm; the cluster has {cpus:g}. "
+                       f"Lower --num-env-runners or --cpus-per-runner")
+
+
+def run_search(cfg: SearchConfig, address: str | None = None) -> Path:
+    """Start a new search; returns the run folder."""
+    from ray import tune
+
+    from launch.algorithm import AutoDFPSAC
+
+    run_dir = Path(cfg.storage).resolve() / cfg.name
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise AutoDFPError(f"run folder {run_dir} exists; `autodfp resume {run_dir}` continues "
+                           "it, or pass another --name")
+    steps = len(prunable_groups(cfg.env_config().model, cfg.env_config().checkpoint))
+    _check_env_builds(cfg)
+    init_ray(address)
+    cpus = fit_resources(cfg, local=address is None)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(run_dir / SEARCH_FILE)
+    tuner = tune.Tuner(
+        AutoDFPSAC,
+        param_space=build_algorithm_config(cfg, steps, cpus),
+        run_config=tune.RunConfig(
+            name=cfg.name, storage_path=str(run_dir.parent),
+            stop={"autodfp/episodes_total": cfg.episodes},
+            checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=cfg.checkpoint_every,
+                                                    checkpoint_at_end=True, num_to_keep=3),
+            callbacks=[ProgressLine(cfg.episodes)], verbose=0),
+    )
+    _fit(tuner)
+    return run_dir
+
+
+def resume_search(run_dir: str | Path, address: str | None = None) -> Path:
+    from ray import tune
+
+    from launch.algorithm import AutoDFPSAC
+
+    run_dir = check_run_dir(run_dir)
+    cfg = load_run_config(run_dir)
+    where = describe_latest_checkpoint(run_dir)
+    init_ray(address)
+    print(f"resuming {run_dir.name} from {where}", file=sys.stderr)
+    tuner = tune.Tuner.restore(str(run_dir), trainable=AutoDFPSAC, resume_unfinished=True,
+                               resume_errored=True)
+    _fit(tuner)
+    return run_dir
+
+
+def _fit(tuner) -> None:
+    result_grid = tuner.fit()
+    errors = [r.error for r in result_grid if r.error is not None]
+    if errors:
+        raise AutoDFPError(f"the search failed: {str(errors[0]).strip().splitlines()[-1]}")
+    print(file=sys.stderr)
+
+
+def _check_env_builds(cfg: SearchConfig) -> None:
+    """Build the env once in this process: a bad config fails here, in one line, not in Ray."""
+    from envs.autodfp_env import AutoDFPEnv
+
+    AutoDFPEnv({**cfg.env, "reward_size": min(cfg.env_config().reward_size, 10)})
+
+
+def check_run_dir(run_dir: str | Path) -> Path:
+    run_dir = Path(run_dir).resolve()
+    if not run_dir.is_dir():
+        raise AutoDFPError(f"run folder not found: {run_dir}")
+    if not (run_dir / SEARCH_FILE).is_file():
+        raise AutoDFPError(f"{run_dir} is not an autodfp run folder (no {SEARCH_FILE})")
+    return run_dir
+
+
+def load_run_config(run_dir: Path) -> SearchConfig:
+    try:
+        return SearchConfig.from_dict(json.loads((run_dir / SEARCH_FILE).read_text()))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise AutoDFPError(f"corrupt {run_dir / SEARCH_FILE}: {exc}") from None
+
+
+def trial_dir(run_dir: Path) -> Path:
+    trials = sorted(p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith("AutoDFPSAC"))
+    if not trials:
+        raise AutoDFPError(f"{run_dir} holds no trial folder yet (did the search start?)")
+    return trials[0]
+
+
+def describe_latest_checkpoint(run_dir: Path) -> str:
+    try:
+        checkpoints = sorted(trial_dir(run_dir).glob("checkpoint_*"))
+    except AutoDFPError:
+        checkpoints = []
+    if not checkpoints:
+        return "the start (no checkpoint was written)"
+    latest = checkpoints[-1]
+    return f"{latest.name}"
+
+
+def load_best(run_dir: str | Path) -> dict:
+    run_dir = check_run_dir(run_dir)
+    path = trial_dir(run_dir) / "best.json"
+    if not path.is_file():
+        raise AutoDFPError(f"{run_dir} has no best strategy yet (no episode finished)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise AutoDFPError(f"corrupt {path}: {exc}") from None
+
+
+def load_episodes(run_dir: Path) -> list[dict]:
+    path = trial_dir(run_dir) / "episodes.jsonl"
+    if not path.is_file():
+        return []
+    episodes = []
+    for line in path.read_text().splitlines():
+        try:
+            episodes.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a torn last line from a killed driver
+    return episodes
+
+
+try:
+    from ray.tune import Callback as _TuneCallback
+except ImportError:  # pragma: no cover - ray is a dependency of this layer
+    _TuneCallback = object
+
+
+class ProgressLine(_TuneCallback):
+    """One live line: iteration, episodes, best accuracy so far, episodes per minute."""
+
+    def __init__(self, episodes: int):
+        self.episodes = episodes
+        self.start = time.monotonic()
+        self.tty = sys.stderr.isatty()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        stats = result.get("autodfp", {})
+        done = stats.get("episodes_total", 0)
+        rate = done / max(time.monotonic() - self.start, 1e-9) * 60
+        line = (f"iter {result.get('training_iteration', 0):4d} | episodes {done}/{self.episodes}"
+                f" | best acc {stats.get('best_accuracy', float('nan')):.4f}"
+                f" @ MACs {stats.get('best_macs_ratio', float('nan')):.3f}"
+                f" | last mean {stats.get('accuracy_mean', float('nan')):.4f}"
+                f" | {rate:.1f} episodes/min")
+        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n",
+              file=sys.stderr, flush=True)
