@@ -9,8 +9,13 @@ Two things plain SAC lacks here:
   layer's action is credited with the episode's accuracy) and (b) the episode's strategy,
   accuracy and MACs ratio are recorded. :meth:`AutoDFPSAC.step` turns those records into Tune
   results (per-episode accuracy, MACs ratio, best strategy's per-layer keep ratios), an
-  ``episodes.jsonl`` log, and ``best.json`` written atomically into the trial folder. The best
-  strategy is part of the algorithm state, so it survives a resume.
+  ``episodes.jsonl`` log, and ``best.json`` written atomically into the trial folder.
+
+Resume policy: after ``kill -9`` Tune may restart from an older checkpoint, or from scratch
+when it had not yet recorded one. The networks and replay buffer come from that checkpoint,
+but evaluated strategies are never forgotten: ``episodes.jsonl`` keeps every episode ever
+evaluated (numbered on), and the best strategy is the better of the checkpoint's and the
+``best.json`` on disk.
 """
 
 from __future__ import annotations
@@ -60,7 +65,8 @@ class RecordingReplayBuffer(PrioritizedEpisodeReplayBuffer):
 class AutoDFPSAC(SAC):
     def setup(self, config):
         super().setup(config)
-        self.autodfp = {"episodes": 0, "best": None}
+        self.autodfp = {"episodes": 0, "best": self._best_on_disk()}
+        self._logged = self._count_logged_episodes()
 
     def _create_local_replay_buffer_if_necessary(self, config):
         # SACConfig.validate() accepts buffer types only by name, so the subclass is swapped
@@ -82,8 +88,9 @@ class AutoDFPSAC(SAC):
     def set_state(self, state):
         super().set_state(state)
         if "autodfp" in state:
-            self.autodfp = dict(state["autodfp"])
-            self._truncate_episode_log(self.autodfp["episodes"])
+            restored = dict(state["autodfp"])
+            restored["best"] = _better(restored.get("best"), self._best_on_disk())
+            self.autodfp = restored
         if "replay_buffer" in state and self.local_replay_buffer is not None:
             self.local_replay_buffer.set_state(state["replay_buffer"])
 
@@ -92,12 +99,11 @@ class AutoDFPSAC(SAC):
     def step(self):
         result = super().step()
         finished = self.local_replay_buffer.drain()
-        first = self.autodfp["episodes"]
+        first = self._logged
         for i, record in enumerate(finished):
-            best = self.autodfp["best"]
-            if best is None or record["accuracy"] > best["accuracy"]:
-                self.autodfp["best"] = {**record, "episode": first + i}
-        self.autodfp["episodes"] = first + len(finished)
+            self.autodfp["best"] = _better(self.autodfp["best"], {**record, "episode": first + i})
+        self.autodfp["episodes"] += len(finished)
+        self._logged += len(finished)
         self._log_episodes(finished, first)
         result["autodfp"] = self._summary(finished)
         return result
@@ -136,7 +142,7 @@ class AutoDFPSAC(SAC):
                 for i, record in enumerate(finished):
                     layers = record["strategy"]["layers"]
                     log.write(json.dumps({
-                        "episode": first + i, "iteration": self.training_iteration,
+                        "episode": first + i, "iteration": self.training_iteration + 1,
                         "accuracy": record["accuracy"], "macs_ratio": record["macs_ratio"],
                         "keep": [layer["keep"] for layer in layers.values()],
                         "coef": [layer["coef"] for layer in layers.values()]}) + "\n")
@@ -144,18 +150,30 @@ class AutoDFPSAC(SAC):
         if best is not None:
             atomic_write_text(trial_dir / BEST_FILE, json.dumps(best, indent=2) + "\n")
 
-    def _truncate_episode_log(self, episodes: int) -> None:
-        """After a resume from an older checkpoint, forget the episodes logged after it."""
+    def _best_on_disk(self) -> dict | None:
+        trial_dir = self._trial_dir()
+        path = trial_dir / BEST_FILE if trial_dir else None
+        try:
+            return json.loads(path.read_text()) if path and path.is_file() else None
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def _count_logged_episodes(self) -> int:
         trial_dir = self._trial_dir()
         log = trial_dir / EPISODES_FILE if trial_dir else None
         if log is None or not log.is_file():
-            return
-        lines = [line for line in log.read_text().splitlines()
-                 if line.strip() and _episode_index(line) < episodes]
-        atomic_write_text(log, "".join(line + "\n" for line in lines))
-        best = self.autodfp["best"]
-        if best is not None:
-            atomic_write_text(trial_dir / BEST_FILE, json.dumps(best, indent=2) + "\n")
+            return 0
+        lines = log.read_text().splitlines()
+        complete = [line for line in lines if _is_record(line)]
+        if len(complete) != len(lines):  # a torn last line from a killed driver
+            atomic_write_text(log, "".join(line + "\n" for line in complete))
+        return len(complete)
+
+
+def _better(a: dict | None, b: dict | None) -> dict | None:
+    if a is None or b is None:
+        return a or b
+    return b if b["accuracy"] > a["accuracy"] else a
 
 
 def _plain(value):
@@ -163,8 +181,8 @@ def _plain(value):
     return json.loads(json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
 
 
-def _episode_index(line: str) -> int:
+def _is_record(line: str) -> bool:
     try:
-        return int(json.loads(line)["episode"])
-    except (ValueError, KeyError, TypeError):
-        return 1 << 62  # a torn last line from a killed run is dropped
+        return "episode" in json.loads(line)
+    except (ValueError, TypeError):
+        return False

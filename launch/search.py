@@ -29,6 +29,7 @@ def build_algorithm_config(cfg: SearchConfig, steps_per_episode: int, cpus_per_r
     env_config = {**cfg.env, "torch_threads": max(1, int(cpus_per_runner))}
     return (
         SACConfig(algo_class=AutoDFPSAC)
+        .api_stack(enable_rl_module_and_learner=True, enable_env_runner_and_connector_v2=True)
         .environment(AutoDFPEnv, env_config=env_config)
         .env_runners(num_env_runners=cfg.num_env_runners,
                      num_cpus_per_env_runner=cpus_per_runner,
@@ -43,7 +44,7 @@ def build_algorithm_config(cfg: SearchConfig, steps_per_episode: int, cpus_per_r
                                         "capacity": cfg.buffer_capacity,
                                         "reward_to_all_steps": cfg.reward_to_all_steps,
                                         "alpha": 0.6, "beta": 0.4})
-        .reporting(min_sample_timesteps_per_iteration=steps_per_episode,
+        .reporting(min_sample_timesteps_per_iteration=steps_per_episode, min_time_s_per_iteration=0,
                    metrics_num_episodes_for_smoothing=10)
         .debugging(seed=cfg.seed, log_level="ERROR")
     )
@@ -55,6 +56,9 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Tune snapshots its experiment state at most this often: after kill -9 a resume starts
+    # from the checkpoint recorded in the last snapshot (default "auto" can lag ~10 s).
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0")
     kwargs = dict(log_to_driver=False, include_dashboard=False, logging_level="ERROR",
                   configure_logging=True)
@@ -133,7 +137,8 @@ def resume_search(run_dir: str | Path, address: str | None = None) -> Path:
     cfg = load_run_config(run_dir)
     where = describe_latest_checkpoint(run_dir)
     init_ray(address)
-    print(f"resuming {run_dir.name} from {where}", file=sys.stderr)
+    print(f"resuming {run_dir.name}: latest checkpoint on disk is {where}; Tune resumes from "
+          "the last one its experiment state recorded", file=sys.stderr)
     tuner = tune.Tuner.restore(str(run_dir), trainable=AutoDFPSAC, resume_unfinished=True,
                                resume_errored=True)
     _fit(tuner)
@@ -224,13 +229,25 @@ class ProgressLine(_TuneCallback):
 
     def __init__(self, episodes: int):
         self.episodes = episodes
+        self.setup()
+
+    def setup(self, **info):
+        """Called by Tune at the start of every fit, including one after a resume."""
         self.start = time.monotonic()
         self.tty = sys.stderr.isatty()
+        self.first = True
+        self.done_before = None
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         stats = result.get("autodfp", {})
+        if self.first:
+            self.first = False
+            self.done_before = stats.get("episodes_total", 0) - stats.get("episodes_this_iter", 0)
+            if result.get("training_iteration", 1) > 1:
+                print(f"continuing at iteration {result['training_iteration']} "
+                      f"({self.done_before} episodes restored)", file=sys.stderr)
         done = stats.get("episodes_total", 0)
-        rate = done / max(time.monotonic() - self.start, 1e-9) * 60
+        rate = (done - self.done_before) / max(time.monotonic() - self.start, 1e-9) * 60
         line = (f"iter {result.get('training_iteration', 0):4d} | episodes {done}/{self.episodes}"
                 f" | best acc {stats.get('best_accuracy', float('nan')):.4f}"
                 f" @ MACs {stats.get('best_macs_ratio', float('nan')):.3f}"

@@ -1,0 +1,133 @@
+"""The search service end to end, with a tiny budget: Tune + SAC, kill -9, resume, export."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from autodfp.data import reward_split
+from autodfp.export import load_pruned
+from autodfp.metrics import accuracy
+from tests.conftest import ROOT, run_cli
+
+CONFIG = """
+name: tiny
+episodes: {episodes}
+warmup_episodes: 2
+checkpoint_every: 1
+buffer_capacity: 2000
+env: {{model: resnet20, reward_size: 50, macs_budget: 0.6}}
+"""
+
+
+def trial_dir(run_dir: Path) -> Path:
+    return next(p for p in run_dir.iterdir() if p.name.startswith("AutoDFPSAC"))
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(tmp_path_factory):
+    """Start a 20-episode search, kill -9 the driver after its second checkpoint, resume it."""
+    root = tmp_path_factory.mktemp("search")
+    config = root / "tiny.yaml"
+    config.write_text(CONFIG.format(episodes=20))
+    run_dir = root / "runs" / "tiny"
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "launch.cli", "search", str(config), "--storage", str(root / "runs")],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and driver.poll() is None:
+        if run_dir.is_dir() and any(run_dir.glob("AutoDFPSAC*/checkpoint_000001")):
+            break
+        time.sleep(0.5)
+    time.sleep(3)  # Tune snapshots its experiment state every 2 s (TUNE_GLOBAL_CHECKPOINT_S)
+    assert driver.poll() is None, driver.stdout.read().decode()[-3000:]
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    before = json.loads((trial_dir(run_dir) / "best.json").read_text())
+    resumed = run_cli("resume", run_dir)
+    return run_dir, before, resumed
+
+
+def test_resume_after_kill_continues_with_best_intact(killed_and_resumed):
+    run_dir, before, resumed = killed_and_resumed
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming tiny: latest checkpoint on disk is checkpoint_" in resumed.stderr
+    assert "continuing at iteration" in resumed.stderr
+    trial = trial_dir(run_dir)
+    episodes = [json.loads(line) for line in (trial / "episodes.jsonl").read_text().splitlines()]
+    assert [e["episode"] for e in episodes] == list(range(len(episodes)))
+    assert len(episodes) >= 20
+    # Every evaluated episode is logged; after the resume the iteration counter continues from
+    # the restored checkpoint (not from 1), so it drops at most once, to above 1.
+    iterations = [e["iteration"] for e in episodes]
+    drops = [i for i in range(1, len(iterations)) if iterations[i] < iterations[i - 1]]
+    assert len(drops) <= 1
+    resumed_at = iterations[drops[0]] if drops else iterations[-1]
+    assert resumed_at > 1 and iterations[-1] > resumed_at
+    best = json.loads((trial / "best.json").read_text())
+    assert best["accuracy"] == max(e["accuracy"] for e in episodes)
+    assert best["accuracy"] >= before["accuracy"] or best["episode"] != before["episode"]
+    assert "best: reward-set accuracy" in resumed.stdout
+
+
+def test_checkpoints_hold_the_replay_buffer(killed_and_resumed):
+    import pickle
+    run_dir, _, _ = killed_and_resumed
+    checkpoint = sorted(trial_dir(run_dir).glob("checkpoint_*"))[-1]
+    with open(checkpoint / "algorithm_state.pkl", "rb") as fh:
+        state = pickle.load(fh)
+    assert state["replay_buffer"]["_num_timesteps"] > 0
+    assert state["autodfp"]["episodes"] >= 1
+
+
+def test_exported_best_matches_its_episode_reward(killed_and_resumed, tmp_path):
+    run_dir, _, _ = killed_and_resumed
+    out = tmp_path / "exported"
+    result = run_cli("export", run_dir, "--out", out, "--no-onnx")
+    assert result.returncode == 0, result.stderr[-2000:]
+    best = json.loads((trial_dir(run_dir) / "best.json").read_text())
+    model, spec, _ = load_pruned(out)
+    assert accuracy(model, reward_split(50, 0), spec) / 100.0 == best["accuracy"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["search"]["reward_accuracy"] == best["accuracy"]
+    assert report["ratios"]["macs"] <= 0.6 + 2e-3
+
+
+def test_report_draws_the_plots(killed_and_resumed):
+    run_dir, _, _ = killed_and_resumed
+    result = run_cli("report", run_dir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for name in ("rewards.png", "keep_ratios.png", "accuracy_vs_macs.png"):
+        png = run_dir / "report" / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def one_line_error(result, fragment):
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], result.stderr[-2000:]
+
+
+def test_search_bad_inputs_fail_in_one_line(tmp_path):
+    one_line_error(run_cli("search", tmp_path / "absent.yaml"), "search config not found")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("episodes: 5\nlearning_rate: 3\n")
+    one_line_error(run_cli("search", bad), "unknown search config key(s): learning_rate")
+    bad.write_text("env: {model: resnet20, macs_budget: 0.02, reward_size: 20}\n")
+    one_line_error(run_cli("search", bad, "--storage", tmp_path / "runs"), "unreachable")
+    assert not (tmp_path / "runs").exists()
+    bad.write_text("env: {model: resnet20, flops: 0.5}\n")
+    one_line_error(run_cli("search", bad), "unknown env_config key(s): flops")
+
+
+def test_run_folder_errors(tmp_path):
+    one_line_error(run_cli("resume", tmp_path / "missing"), "run folder not found")
+    one_line_error(run_cli("export", tmp_path, "--out", tmp_path / "o"), "not an autodfp run folder")
+    one_line_error(run_cli("report", tmp_path), "not an autodfp run folder")
+    (tmp_path / "search.json").write_text("{broken")
+    one_line_error(run_cli("resume", tmp_path), "corrupt")
