@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench clean
+.PHONY: demo demo-prune test install bench bench-search clean
 
 install: $(STAMP)
 
@@ -16,7 +16,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test,onnx]'
 	touch $(STAMP)
 
+# A short SAC search on an embedded local Ray, its export, and SAC against uniform and random
+# search at the same budget (about 10 minutes on 2 cores).
 demo: $(STAMP)
+	rm -rf out/runs/demo
+	$(BIN)/autodfp search resnet20-quick --name demo --storage out/runs
+	$(BIN)/autodfp export out/runs/demo --out out/demo-export --force
+	$(BIN)/autodfp report out/runs/demo --compare
+
+# The data-free core alone: ResNet-56, uniform keep 0.5, Neuron Merging.
+demo-prune: $(STAMP)
 	$(BIN)/autodfp prune --strategy examples/resnet56-uniform-keep0.5.json \
 		--out out/demo-resnet56 --force
 
@@ -25,6 +34,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/baselines.py
+
+bench-search: $(STAMP)
+	$(BIN)/python bench/search.py
 
 clean:
 	rm -rf $(VENV) out

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from dataclasses import dataclass, fields
 
 import gymnasium as gym
@@ -44,6 +45,10 @@ class EnvConfig:
     """Largest allowed MACs of the pruned model, as a share of the original."""
     keep_lower: float = 0.2
     """Smallest keep ratio an action can choose."""
+    action_mode: str = "fair-share"
+    """How ``a[0]`` maps to [keep_lower, 1]: ``fair-share`` is piecewise linear through
+    (0.5 -> the keep ratio that spends the remaining budget evenly over the remaining groups),
+    so a neutral action is a uniform allocation; ``absolute`` is linear (AMC)."""
     select: str = "l1"
     """Selection criterion (autodfp.selection)."""
     reconstruct: str = "autodfp"
@@ -65,6 +70,9 @@ class EnvConfig:
             raise AutoDFPError(f"macs_budget must be in (0, 1], got {config.macs_budget}")
         if not 0.0 < config.keep_lower <= 1.0:
             raise AutoDFPError(f"keep_lower must be in (0, 1], got {config.keep_lower}")
+        if config.action_mode not in ("fair-share", "absolute"):
+            raise AutoDFPError(f"action_mode must be 'fair-share' or 'absolute', "
+                               f"got {config.action_mode!r}")
         return config
 
 
@@ -97,6 +105,7 @@ class AutoDFPEnv(gym.Env):
         self._fixed_macs, self._group_macs = self._macs_model()
         self._check_budget_reachable()
         self._cache: dict[str, float] = {}
+        self.last_timing: dict = {}
         self.action_space = gym.spaces.Box(0.0, 1.0, shape=(2,), dtype=np.float32)
         obs_dim = self._static.shape[1] + 4
         self.observation_space = gym.spaces.Box(0.0, 1.0, shape=(obs_dim,), dtype=np.float32)
@@ -169,7 +178,8 @@ class AutoDFPEnv(gym.Env):
             return self._get_obs(), 0.0, False, False, {}
         strategy = self.strategy()
         reward = self.evaluate(strategy)
-        info = {"accuracy": reward, "macs_ratio": self.macs_ratio(), "strategy": strategy.to_dict()}
+        info = {"accuracy": reward, "macs_ratio": self.macs_ratio(),
+                "strategy": strategy.to_dict(), "timing": dict(self.last_timing)}
         return self._get_obs(), reward, True, False, info
 
     def _get_obs(self) -> np.ndarray:
@@ -187,10 +197,16 @@ class AutoDFPEnv(gym.Env):
         """Kept channels for group t: the wish ``a``, capped so the budget stays reachable."""
         t, channels = self._t, self._channels[self._t]
         lower = self._lower_channels()
-        wish = self.config.keep_lower + a * (1.0 - self.config.keep_lower)
+        low = self.config.keep_lower
         spent = self._fixed_macs + (self._group_macs[:t] * self._kept[:t] / self._channels[:t]).sum()
+        left = self.config.macs_budget * self._base_macs - spent
+        if self.config.action_mode == "absolute":
+            wish = low + a * (1.0 - low)
+        else:
+            fair = float(np.clip(left / self._group_macs[t:].sum(), low, 1.0))
+            wish = low + 2 * a * (fair - low) if a <= 0.5 else fair + (2 * a - 1) * (1 - fair)
         reserve = (self._group_macs[t + 1:] * lower[t + 1:] / self._channels[t + 1:]).sum()
-        room = self.config.macs_budget * self._base_macs - spent - reserve
+        room = left - reserve
         most = math.floor(room / self._group_macs[t] * channels + 1e-9) if self._group_macs[t] else channels
         wanted = math.floor(wish * channels + 0.5)
         return int(np.clip(wanted, lower[t], max(lower[t], min(channels, most))))
@@ -216,8 +232,12 @@ class AutoDFPEnv(gym.Env):
     def evaluate(self, strategy: Strategy) -> float:
         """Accuracy (fraction) of ``strategy`` on the reward split, cached."""
         key = strategy.to_json()
+        self.last_timing = {"surgery_s": 0.0, "eval_s": 0.0, "cached": key in self._cache}
         if key not in self._cache:
+            start = time.perf_counter()
             pruned = apply_strategy(strategy, (copy.deepcopy(self._base_model), self._spec))
+            middle = time.perf_counter()
             self._cache[key] = accuracy(pruned.model, self._images, self._spec,
                                         device=self.device) / 100.0
+            self.last_timing.update(surgery_s=middle - start, eval_s=time.perf_counter() - middle)
         return self._cache[key]

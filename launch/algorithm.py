@@ -21,6 +21,7 @@ evaluated (numbered on), and the best strategy is the better of the checkpoint's
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +55,8 @@ class RecordingReplayBuffer(PrioritizedEpisodeReplayBuffer):
                 episode.set_rewards(new_data=np.full(len(episode), final, dtype=np.float32))
             self.finished.append(_plain({"accuracy": info["accuracy"],
                                          "macs_ratio": info["macs_ratio"],
-                                         "strategy": info["strategy"]}))
+                                         "strategy": info["strategy"],
+                                         "timing": info.get("timing", {})}))
         super().add(episodes, weight)
 
     def drain(self) -> list[dict]:
@@ -145,7 +147,8 @@ class AutoDFPSAC(SAC):
                         "episode": first + i, "iteration": self.training_iteration + 1,
                         "accuracy": record["accuracy"], "macs_ratio": record["macs_ratio"],
                         "keep": [layer["keep"] for layer in layers.values()],
-                        "coef": [layer["coef"] for layer in layers.values()]}) + "\n")
+                        "coef": [layer["coef"] for layer in layers.values()],
+                        "timing": record.get("timing", {}), "time": time.time()}) + "\n")
         best = self.autodfp["best"]
         if best is not None:
             atomic_write_text(trial_dir / BEST_FILE, json.dumps(best, indent=2) + "\n")

@@ -48,6 +48,11 @@ class SearchConfig:
     """Learning rate of the Q networks."""
     batch_size: int = 64
     """Transitions per SGD step."""
+    updates_per_episode: int = 8
+    """SGD steps per sampled episode: evaluation dominates an episode's cost, so learning
+    more from each one is cheap."""
+    initial_alpha: float = 0.05
+    """Initial SAC entropy weight; RLlib's 1.0 swamps rewards that differ by a few hundredths."""
     buffer_capacity: int = 20000
     """Replay buffer capacity in steps (kept small: it is saved in checkpoints)."""
     checkpoint_every: int = 5

@@ -26,7 +26,10 @@ def build_algorithm_config(cfg: SearchConfig, steps_per_episode: int, cpus_per_r
     from envs.autodfp_env import AutoDFPEnv
     from launch.algorithm import AutoDFPSAC
 
-    env_config = {**cfg.env, "torch_threads": max(1, int(cpus_per_runner))}
+    # Remote runners get as many torch threads as CPUs reserved for them; the in-process
+    # runner (num_env_runners=0) keeps torch's default and shares the algorithm's process.
+    threads = max(1, int(cpus_per_runner)) if cfg.num_env_runners else 0
+    env_config = {**cfg.env, "torch_threads": threads}
     return (
         SACConfig(algo_class=AutoDFPSAC)
         .api_stack(enable_rl_module_and_learner=True, enable_env_runner_and_connector_v2=True)
@@ -38,6 +41,9 @@ def build_algorithm_config(cfg: SearchConfig, steps_per_episode: int, cpus_per_r
                      rollout_fragment_length=steps_per_episode,
                      sample_timeout_s=cfg.sample_timeout_s)
         .training(gamma=cfg.gamma, n_step=1, actor_lr=cfg.actor_lr, critic_lr=cfg.critic_lr,
+                  initial_alpha=cfg.initial_alpha,
+                  training_intensity=(cfg.updates_per_episode * cfg.batch_size
+                                      / (steps_per_episode * (cfg.num_env_runners + 1))),
                   alpha_lr=cfg.actor_lr, train_batch_size_per_learner=cfg.batch_size,
                   num_steps_sampled_before_learning_starts=cfg.warmup_episodes * steps_per_episode,
                   replay_buffer_config={"type": "PrioritizedEpisodeReplayBuffer",

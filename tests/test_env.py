@@ -78,3 +78,18 @@ def test_bad_configs_are_clear():
         AutoDFPEnv({**CONFIG, "flops": 0.5})
     with pytest.raises(AutoDFPError, match="macs_budget"):
         AutoDFPEnv({**CONFIG, "macs_budget": 1.5})
+
+
+def test_fair_share_neutral_action_is_a_uniform_allocation(env):
+    _, info = run_episode(env, np.tile([0.5, 0.5], (9, 1)))
+    keeps = [layer["keep"] for layer in info["strategy"]["layers"].values()]
+    assert max(keeps) - min(keeps) <= 2 / 16 + 1e-9       # equal up to channel rounding
+    assert CONFIG["macs_budget"] - 0.03 <= info["macs_ratio"] <= CONFIG["macs_budget"]
+
+
+def test_absolute_mode_maps_actions_linearly():
+    env = AutoDFPEnv({**CONFIG, "action_mode": "absolute", "macs_budget": 1.0})
+    _, info = run_episode(env, np.tile([0.5, 0.5], (9, 1)))
+    keeps = [layer["keep"] for layer in info["strategy"]["layers"].values()]
+    expected = [round((0.25 + 0.5 * 0.75) * c) / c for c in env._channels]
+    assert keeps == pytest.approx(expected, abs=1e-9)

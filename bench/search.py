@@ -1,0 +1,180 @@
+"""SAC against random and uniform search on ResNet-56 at <= 50% of the MACs.
+
+    python bench/search.py [--run RUN_DIR] [--episodes 400] [--reward-size 1000]
+                           [--runners 0,1,2] [--throughput-episodes 30]
+
+1. A SAC search (or an existing run folder, ``--run``), random search with as many episodes,
+   and the best uniform strategy, all in the same env (same budget and reward set).
+2. Best-so-far strategy of each method at episode milestones, evaluated on the lossless 1,017
+   test images (never used for the reward).
+3. Episodes per second with 0 (in-process), 1 and 2 env runners, and the share of wall time the
+   env spends in surgery + evaluation (the rest is RLlib, Tune and DBSCAN set-up overhead).
+
+Writes ``bench/results/search.json`` and ``search.png``; prints Markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from autodfp.data import load_split
+from autodfp.io import atomic_write_text
+from autodfp.metrics import accuracy
+from autodfp.pruning import apply_strategy
+from autodfp.strategy import LayerAction, Strategy
+from envs.autodfp_env import AutoDFPEnv
+from envs.baselines import uniform_search
+from launch.config import SearchConfig
+from launch.search import load_episodes, load_run_config, run_search
+
+ENV = {"model": "resnet56", "macs_budget": 0.5, "keep_lower": 0.2, "reconstruct": "autodfp"}
+
+
+def strategy_from_episode(env: AutoDFPEnv, episode: dict) -> Strategy:
+    layers = {name: LayerAction(k, c)
+              for name, k, c in zip(env.group_names, episode["keep"], episode["coef"])}
+    return Strategy(**env.strategy_fields(), layers=layers)
+
+
+def best_so_far(env: AutoDFPEnv, episodes: list[dict], milestones: list[int]) -> dict:
+    """Milestone -> (reward, strategy) of the best episode among the first ``milestone``."""
+    out, best = {}, None
+    for i, episode in enumerate(episodes, start=1):
+        if best is None or episode["accuracy"] > best["accuracy"]:
+            best = episode
+        if i in milestones:
+            out[i] = (best["accuracy"], strategy_from_episode(env, best))
+    return out
+
+
+def random_episodes(env: AutoDFPEnv, n: int, seed: int) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    episodes = []
+    for _ in range(n):
+        env.reset()
+        done = False
+        while not done:
+            _, reward, done, _, info = env.step(rng.random(2))
+        layers = info["strategy"]["layers"]
+        episodes.append({"accuracy": reward, "keep": [v["keep"] for v in layers.values()],
+                         "coef": [v["coef"] for v in layers.values()]})
+    return episodes
+
+
+def throughput(runners: int, episodes: int, reward_size: int, storage: Path) -> dict:
+    cfg = SearchConfig(name=f"throughput-{runners}", storage=str(storage), episodes=episodes,
+                       warmup_episodes=min(10, episodes), num_env_runners=runners,
+                       checkpoint_every=1000, env={**ENV, "reward_size": reward_size})
+    start = time.perf_counter()
+    run_dir = run_search(cfg)
+    wall = time.perf_counter() - start
+    logged = load_episodes(run_dir)
+    stamps = [e["time"] for e in logged]
+    steady = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else float("nan")
+    env_s = sum(e["timing"].get("surgery_s", 0) + e["timing"].get("eval_s", 0) for e in logged)
+    span = stamps[-1] - stamps[0] if len(stamps) > 1 else wall
+    return {"runners": runners, "episodes": len(logged), "wall_s": wall,
+            "episodes_per_s_steady": steady, "episodes_per_s_with_startup": len(logged) / wall,
+            "env_share_of_steady_wall": env_s / max(span, 1e-9) / max(runners, 1),
+            "surgery_s_mean": float(np.mean([e["timing"].get("surgery_s", 0) for e in logged])),
+            "eval_s_mean": float(np.mean([e["timing"].get("eval_s", 0) for e in logged]))}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, help="use this finished SAC run folder")
+    parser.add_argument("--episodes", type=int, default=400)
+    parser.add_argument("--reward-size", type=int, default=1000)
+    parser.add_argument("--runners", default="0,1,2")
+    parser.add_argument("--throughput-episodes", type=int, default=30)
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args()
+    scratch = Path(tempfile.mkdtemp(prefix="autodfp-bench-"))
+    try:
+        if args.run:
+            run_dir = args.run.resolve()
+            env_config = load_run_config(run_dir).env
+        else:
+            env_config = {**ENV, "reward_size": args.reward_size}
+            cfg = SearchConfig(name="sac", storage=str(scratch), episodes=args.episodes,
+                               warmup_episodes=max(10, args.episodes // 10), env=env_config)
+            run_dir = run_search(cfg)
+        sac = load_episodes(run_dir)
+        n = len(sac)
+        env = AutoDFPEnv(env_config)
+        milestones = sorted({m for m in (10, 25, 50, 100, 200, 400, 800, n) if m <= n})
+        start = time.perf_counter()
+        rand = random_episodes(env, n, seed=1)
+        random_s = time.perf_counter() - start
+        uniform = uniform_search(env)
+        lossless = load_split("test-lossless")
+
+        def test_acc(strategy: Strategy) -> float:
+            pruned = apply_strategy(strategy)
+            return accuracy(pruned.model, lossless, pruned.spec)
+
+        uniform_test = test_acc(uniform.strategy)
+        rows = []
+        for label, episodes in (("SAC", sac), ("random", rand)):
+            for m, (reward, strategy) in best_so_far(env, episodes, milestones).items():
+                rows.append({"method": label, "episodes": m, "reward": reward,
+                             "lossless": test_acc(strategy),
+                             "macs_ratio": env.macs_ratio_of(strategy)})
+        rows.append({"method": uniform.name, "episodes": 0, "reward": uniform.reward,
+                     "lossless": uniform_test, "macs_ratio": uniform.macs_ratio})
+        print(f"## ResNet-56, MACs <= {env.config.macs_budget}, reward set "
+              f"{env.config.reward_size} training images\n")
+        print("| method | episodes | reward-set acc | lossless 1,017 % | MACs ratio |")
+        print("|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['method']} | {r['episodes']} | {r['reward']:.4f} | {r['lossless']:.2f} | "
+                  f"{r['macs_ratio']:.3f} |")
+        print(f"\nrandom search: {n / random_s:.2f} episodes/s (env alone, no RLlib)\n", flush=True)
+
+        speed = [throughput(int(r), args.throughput_episodes, env.config.reward_size,
+                            scratch / "throughput") for r in args.runners.split(",")]
+        print("| env runners | episodes/s (steady) | incl. start-up | env surgery+eval share | "
+              "surgery s/ep | eval s/ep |")
+        print("|---|---|---|---|---|---|")
+        for s in speed:
+            print(f"| {s['runners']} | {s['episodes_per_s_steady']:.3f} | "
+                  f"{s['episodes_per_s_with_startup']:.3f} | {s['env_share_of_steady_wall']:.0%} | "
+                  f"{s['surgery_s_mean']:.2f} | {s['eval_s_mean']:.2f} |")
+        args.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.out / "search.json", json.dumps(
+            {"rows": rows, "throughput": speed, "run": str(run_dir),
+             "random_episodes_per_s": n / random_s}, indent=1))
+        plot(rows, args.out / "search.png")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return 0
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in ("SAC", "random"):
+        pts = [(r["episodes"], r["lossless"]) for r in rows if r["method"] == method]
+        ax.plot(*zip(*pts), marker="o", label=method)
+    uniform = next(r for r in rows if r["episodes"] == 0)
+    ax.axhline(uniform["lossless"], color="grey", linestyle="--", label="best uniform")
+    ax.set(xscale="log", xlabel="episodes", ylabel="best-so-far top-1 %, lossless 1,017",
+           title="ResNet-56 at <= 50% MACs, no fine-tuning")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
