@@ -44,7 +44,7 @@ def build_algorithm_config(cfg: SearchConfig, steps_per_episode: int, cpus_per_r
                   initial_alpha=cfg.initial_alpha,
                   training_intensity=(cfg.updates_per_episode * cfg.batch_size
                                       / (steps_per_episode * (cfg.num_env_runners + 1))),
-                  alpha_lr=cfg.actor_lr, train_batch_size_per_learner=cfg.batch_size,
+                  alpha_lr=cfg.alpha_lr, train_batch_size_per_learner=cfg.batch_size,
                   num_steps_sampled_before_learning_starts=cfg.warmup_episodes * steps_per_episode,
                   replay_buffer_config={"type": "PrioritizedEpisodeReplayBuffer",
                                         "capacity": cfg.buffer_capacity,
