@@ -31,7 +31,8 @@ RECONSTRUCTIONS = [
     ("neuron-merging (official: sigma=var)", "neuron-merging", {"nm_sigma": "var"}, 1.0),
     ("neuron-merging (sigma=std, default)", "neuron-merging", {"nm_sigma": "std"}, 1.0),
     ("udfc", "udfc", {}, 1.0),
-    ("autodfp coef=0.75 (uniform)", "autodfp", {}, 0.75),
+    ("autodfp coef=0.25 (uniform)", "autodfp", {}, 0.25),
+    ("autodfp coef=0.5 (uniform)", "autodfp", {}, 0.5),
 ]
 SELECTIONS = ["l1", "l2", "similarity"]
 
@@ -56,6 +57,7 @@ def main() -> int:
     parser.add_argument("--model", default="resnet56")
     parser.add_argument("--keeps", default="0.8,0.6,0.5,0.4")
     parser.add_argument("--selections", default=",".join(SELECTIONS))
+    parser.add_argument("--methods", help="only reconstructions whose label contains this")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--plot-only", action="store_true",
                         help="redraw baselines.png from an earlier baselines.json")
@@ -87,6 +89,8 @@ def main() -> int:
     for keep in keeps:
         for select in selections:
             for label, method, options, coef in RECONSTRUCTIONS:
+                if args.methods and args.methods not in label:
+                    continue
                 strategy = uniform_strategy(args.model, keep, select=select,
                                             reconstruct=method, coef=coef, **options)
                 pruned = apply_strategy(strategy)

@@ -8,6 +8,7 @@ event files and checkpoints.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -22,6 +23,9 @@ SEARCH_FILE = "search.json"
 
 def build_algorithm_config(cfg: SearchConfig, steps_per_episode: int, cpus_per_runner: float):
     from ray.rllib.algorithms.sac import SACConfig
+
+    # SAC warns, per config copy, that it runs on the new API stack; we chose that stack.
+    logging.getLogger("ray.rllib").setLevel(logging.ERROR)
 
     from envs.autodfp_env import AutoDFPEnv
     from launch.algorithm import AutoDFPSAC

@@ -118,8 +118,13 @@ def test_resnet56_keep_08_with_the_best_reconstruction_stays_at_92(lossless):
     assert resnet56_accuracy(0.8, "udfc", lossless) >= 92.0
 
 
-def test_autodfp_coefficient_steers_the_compensation(lossless):
-    zero = resnet56_accuracy(0.5, "autodfp", lossless, coef=0.0)
-    none = resnet56_accuracy(0.5, "none", lossless)
-    assert zero == none
-    assert resnet56_accuracy(0.5, "autodfp", lossless, coef=0.75) > none + 15
+def test_autodfp_coefficient_blends_neuron_merging_and_udfc(lossless):
+    def weights(method, coef):
+        pruned = apply_strategy(uniform_strategy("resnet56", 0.5, reconstruct=method, coef=coef))
+        return pruned.model.state_dict()
+    for coef, same_as in ((0.0, "neuron-merging"), (1.0, "udfc")):
+        a, b = weights("autodfp", coef), weights(same_as, 1.0)
+        assert all(torch.allclose(a[k].double(), b[k].double(), atol=1e-6) for k in a)
+    # Measured: 69.12 at coef 0.25 against 64.60 (Neuron Merging) and 51.43 (udfc).
+    blend = resnet56_accuracy(0.5, "autodfp", lossless, coef=0.25)
+    assert blend > resnet56_accuracy(0.5, "neuron-merging", lossless) + 2
