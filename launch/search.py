@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from ray.tune import Callback
+
 from autodfp.errors import AutoDFPError
 from autodfp.pruning import prunable_groups
 from launch.config import SearchConfig
@@ -69,7 +71,6 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     # Tune snapshots its experiment state at most this often: after kill -9 a resume starts
     # from the checkpoint recorded in the last snapshot (default "auto" can lag ~10 s).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0")
     kwargs = dict(log_to_driver=False, include_dashboard=False, logging_level="ERROR",
                   configure_logging=True)
     if address:
@@ -228,13 +229,7 @@ def load_episodes(run_dir: Path) -> list[dict]:
     return episodes
 
 
-try:
-    from ray.tune import Callback as _TuneCallback
-except ImportError:  # pragma: no cover - ray is a dependency of this layer
-    _TuneCallback = object
-
-
-class ProgressLine(_TuneCallback):
+class ProgressLine(Callback):
     """One live line: iteration, episodes, best accuracy so far, episodes per minute."""
 
     def __init__(self, episodes: int):
