@@ -96,7 +96,16 @@ def main() -> int:
     parser.add_argument("--runners", default="0,1,2")
     parser.add_argument("--throughput-episodes", type=int, default=30)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--throughput-only", action="store_true",
+                        help="only the env-runner throughput part")
     args = parser.parse_args()
+    if args.throughput_only:
+        speed = [throughput(int(r), args.throughput_episodes, args.reward_size,
+                            Path(tempfile.mkdtemp(prefix="autodfp-bench-")))
+                 for r in args.runners.split(",")]
+        print_throughput(speed)
+        atomic_write_text(args.out / "search-throughput.json", json.dumps(speed, indent=1))
+        return 0
     scratch = Path(tempfile.mkdtemp(prefix="autodfp-bench-"))
     try:
         if args.run:
@@ -141,13 +150,7 @@ def main() -> int:
 
         speed = [throughput(int(r), args.throughput_episodes, env.config.reward_size,
                             scratch / "throughput") for r in args.runners.split(",")]
-        print("| env runners | episodes/s (steady) | incl. start-up | env surgery+eval share | "
-              "surgery s/ep | eval s/ep |")
-        print("|---|---|---|---|---|---|")
-        for s in speed:
-            print(f"| {s['runners']} | {s['episodes_per_s_steady']:.3f} | "
-                  f"{s['episodes_per_s_with_startup']:.3f} | {s['env_share_of_steady_wall']:.0%} | "
-                  f"{s['surgery_s_mean']:.2f} | {s['eval_s_mean']:.2f} |")
+        print_throughput(speed)
         args.out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(args.out / "search.json", json.dumps(
             {"rows": rows, "throughput": speed, "run": str(run_dir),
@@ -156,6 +159,16 @@ def main() -> int:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return 0
+
+
+def print_throughput(speed: list[dict]) -> None:
+    print("| env runners | episodes/s (steady) | incl. start-up | env surgery+eval share | "
+          "surgery s/ep | eval s/ep |")
+    print("|---|---|---|---|---|---|")
+    for s in speed:
+        print(f"| {s['runners']} | {s['episodes_per_s_steady']:.3f} | "
+              f"{s['episodes_per_s_with_startup']:.3f} | {s['env_share_of_steady_wall']:.0%} | "
+              f"{s['surgery_s_mean']:.2f} | {s['eval_s_mean']:.2f} |", flush=True)
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -52,6 +52,9 @@ class RecordingReplayBuffer(PrioritizedEpisodeReplayBuffer):
                 continue
             final = float(episode.get_rewards(-1))
             if self.reward_to_all_steps:
+                rewards = episode.rewards.data
+                if isinstance(rewards, np.ndarray) and not rewards.flags.writeable:
+                    episode.rewards.data = rewards.copy()  # episodes from remote runners
                 episode.set_rewards(new_data=np.full(len(episode), final, dtype=np.float32))
             self.finished.append(_plain({"accuracy": info["accuracy"],
                                          "macs_ratio": info["macs_ratio"],

@@ -137,3 +137,15 @@ def test_run_folder_errors(tmp_path):
     one_line_error(run_cli("report", tmp_path), "not an autodfp run folder")
     (tmp_path / "search.json").write_text("{broken")
     one_line_error(run_cli("resume", tmp_path), "corrupt")
+
+
+def test_search_with_a_remote_env_runner(tmp_path):
+    """Episodes from a remote runner arrive read-only; the reward copy must still work."""
+    config = tmp_path / "remote.yaml"
+    config.write_text(CONFIG.format(episodes=4).replace("name: tiny", "name: remote"))
+    result = run_cli("search", config, "--storage", tmp_path / "runs", "--num-env-runners", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    trial = trial_dir(tmp_path / "runs" / "remote")
+    episodes = (trial / "episodes.jsonl").read_text().splitlines()
+    assert len(episodes) >= 4
+    assert json.loads((trial / "best.json").read_text())["accuracy"] > 0.05
