@@ -14,24 +14,18 @@ from autodfp.reconstruction import METHODS
 from autodfp.selection import CRITERIA
 
 
-def _keep_ratio(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"keep ratio must be in (0, 1], got {value}")
-    return value
-
-
-def _unit_interval(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
-    return value
+def _fraction(what: str, zero_allowed: bool):
+    """argparse type for a number in (0, 1] or, with ``zero_allowed``, [0, 1]."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not ((value >= 0.0 if zero_allowed else value > 0.0) and value <= 1.0):
+            interval = "[0, 1]" if zero_allowed else "(0, 1]"
+            raise argparse.ArgumentTypeError(f"{what} must be in {interval}, got {value}")
+        return value
+    return parse
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,12 +45,12 @@ def add_core_commands(sub) -> dict:
     prune = sub.add_parser("prune", help="prune a model with a uniform ratio or a strategy file")
     prune.add_argument("--model", help="registry name (see `autodfp models`) or pkg.module:factory")
     prune.add_argument("--checkpoint", help="weights file (default: the shipped weights)")
-    prune.add_argument("--keep", type=_keep_ratio,
+    prune.add_argument("--keep", type=_fraction("keep ratio", zero_allowed=False),
                        help="kept share of every prunable group's channels, in (0, 1]")
     prune.add_argument("--strategy", type=Path, help="strategy.json with per-layer keep ratios")
     prune.add_argument("--select", choices=sorted(CRITERIA), default="l1")
     prune.add_argument("--reconstruct", choices=METHODS, default="neuron-merging")
-    prune.add_argument("--coef", type=_unit_interval, default=1.0,
+    prune.add_argument("--coef", type=_fraction("coefficient", zero_allowed=True), default=1.0,
                        help="reconstruction coefficient for --reconstruct autodfp (default 1)")
     prune.add_argument("--nm-sigma", choices=("std", "var"), default="std",
                        help="Neuron Merging sigma: std = sqrt(var+eps) (default, better), "

@@ -17,7 +17,6 @@ from pathlib import Path
 from ray.tune import Callback
 
 from autodfp.errors import AutoDFPError
-from autodfp.pruning import prunable_groups
 from launch.config import SearchConfig
 
 SEARCH_FILE = "search.json"
@@ -119,8 +118,7 @@ def run_search(cfg: SearchConfig, address: str | None = None) -> Path:
     if run_dir.exists() and any(run_dir.iterdir()):
         raise AutoDFPError(f"run folder {run_dir} exists; `autodfp resume {run_dir}` continues "
                            "it, or pass another --name")
-    steps = len(prunable_groups(cfg.env_config().model, cfg.env_config().checkpoint))
-    _check_env_builds(cfg)
+    steps = len(_check_env_builds(cfg).group_names)
     init_ray(address)
     cpus = fit_resources(cfg, local=address is None)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -164,11 +162,11 @@ def _fit(tuner) -> None:
     print(file=sys.stderr)
 
 
-def _check_env_builds(cfg: SearchConfig) -> None:
+def _check_env_builds(cfg: SearchConfig):
     """Build the env once in this process: a bad config fails here, in one line, not in Ray."""
     from envs.autodfp_env import AutoDFPEnv
 
-    AutoDFPEnv({**cfg.env, "reward_size": min(cfg.env_config().reward_size, 10)})
+    return AutoDFPEnv({**cfg.env, "reward_size": min(cfg.env_config().reward_size, 10)})
 
 
 def check_run_dir(run_dir: str | Path) -> Path:
