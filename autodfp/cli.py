@@ -1,4 +1,4 @@
-"""``autodfp`` command line: prune, eval, models.
+"""``autodfp`` command line: prune, eval, synth, models.
 
 Every user error ends as one ``error: ...`` line on stderr and exit status 2.
 """
@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
+from autodfp.calibration import DEFAULT_CALIBRATION, ORDERS
 from autodfp.errors import AutoDFPError
+from autodfp.synthetic import SynthConfig
 from autodfp.reconstruction import METHODS
 from autodfp.selection import CRITERIA
 
@@ -24,6 +27,18 @@ def _fraction(what: str, zero_allowed: bool):
         if not ((value >= 0.0 if zero_allowed else value > 0.0) and value <= 1.0):
             interval = "[0, 1]" if zero_allowed else "(0, 1]"
             raise argparse.ArgumentTypeError(f"{what} must be in {interval}, got {value}")
+        return value
+    return parse
+
+
+def _positive_int(what: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be a whole number, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{what} must be at least 1, got {value}")
         return value
     return parse
 
@@ -49,13 +64,34 @@ def add_core_commands(sub) -> dict:
                        help="kept share of every prunable group's channels, in (0, 1]")
     prune.add_argument("--strategy", type=Path, help="strategy.json with per-layer keep ratios")
     prune.add_argument("--select", choices=sorted(CRITERIA), default="l1")
-    prune.add_argument("--reconstruct", choices=METHODS, default="neuron-merging")
+    prune.add_argument("--reconstruct", choices=METHODS, default="neuron-merging",
+                       help="closed-form compensation, before any calibration (default "
+                            "neuron-merging)")
     prune.add_argument("--coef", type=_fraction("coefficient", zero_allowed=True), default=1.0,
-                       help="reconstruction coefficient for --reconstruct autodfp (default 1)")
+                       help="reconstruction coefficient (default 1): the NM/UDFC blend of "
+                            "--reconstruct autodfp and the refit's trust in the calibration "
+                            "images (0 stays near the closed-form weights)")
     prune.add_argument("--nm-sigma", choices=("std", "var"), default="std",
                        help="Neuron Merging sigma: std = sqrt(var+eps) (default, better), "
                             "var = running_var as in the official code")
+    add_calibration_arguments(prune)
     add_output_arguments(prune)
+    prune.add_argument("--no-eval", action="store_true",
+                       help="report cost only: no dataset is read (the weights alone suffice)")
+
+    synth = sub.add_parser("synth", help="synthesise calibration images from a model's BN "
+                                         "statistics (cached) and write them with a PNG grid")
+    synth.add_argument("--model", required=True)
+    synth.add_argument("--checkpoint")
+    synth.add_argument("--count", type=_positive_int("image count"), default=None,
+                       help=f"images (default {SynthConfig.count})")
+    synth.add_argument("--steps", type=_positive_int("steps"), default=None,
+                       help=f"Adam steps per batch (default {SynthConfig.steps})")
+    synth.add_argument("--batch-size", type=_positive_int("batch size"), default=None,
+                       help=f"images optimised together (default {SynthConfig.batch_size})")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--out", type=Path, required=True, help="output folder (atomic)")
+    synth.add_argument("--force", action="store_true", help="replace a non-empty --out")
 
     ev = sub.add_parser("eval", help="accuracy of a pruned-model folder or a zoo model")
     ev.add_argument("folder", nargs="?", type=Path, help="folder written by `autodfp prune`")
@@ -65,7 +101,53 @@ def add_core_commands(sub) -> dict:
     ev.add_argument("--latency", action="store_true", help="also time batch 1 and 256")
 
     sub.add_parser("models", help="list the model zoo")
-    return {"prune": cmd_prune, "eval": cmd_eval, "models": cmd_models}
+    return {"prune": cmd_prune, "eval": cmd_eval, "synth": cmd_synth, "models": cmd_models}
+
+
+def add_calibration_arguments(parser) -> None:
+    parser.add_argument("--calib", choices=(*ORDERS, "none"), default=None,
+                        help=f"calibration after pruning (default {DEFAULT_CALIBRATION.order}); "
+                             "none: the closed-form compensation alone")
+    parser.add_argument("--calib-images", type=_positive_int("calibration image count"),
+                        default=None, help=f"calibration images (default "
+                                           f"{DEFAULT_CALIBRATION.count})")
+    parser.add_argument("--calib-data", type=Path, default=None,
+                        help="real unlabeled images instead of synthetic ones: an ImageFolder "
+                             "tree, a folder of images or an .npz with x (labels ignored)")
+    parser.add_argument("--synth-steps", type=_positive_int("synthesis steps"), default=None,
+                        help=f"Adam steps per batch of synthetic images (default "
+                             f"{DEFAULT_CALIBRATION.synth.steps})")
+
+
+def calibration_from_args(args):
+    """The CalibrationConfig the flags ask for (None for --calib none)."""
+    import dataclasses
+
+    if args.calib == "none":
+        if args.calib_images or args.calib_data or args.synth_steps:
+            raise AutoDFPError("--calib none takes no --calib-images, --calib-data or "
+                               "--synth-steps")
+        return None
+    config = DEFAULT_CALIBRATION
+    changes = {}
+    if args.calib:
+        changes["order"] = args.calib
+    if args.calib_images:
+        changes["count"] = args.calib_images
+    if args.synth_steps:
+        if args.calib_data:
+            raise AutoDFPError("--synth-steps is for synthetic images, not --calib-data")
+        changes["synth"] = dataclasses.replace(config.synth, steps=args.synth_steps)
+    if args.calib_data:
+        if not args.calib_data.exists():
+            raise AutoDFPError(f"calibration data not found: {args.calib_data}")
+        changes["images"] = str(args.calib_data)
+    return dataclasses.replace(config, **changes)
+
+
+def _calibration_flags_given(args) -> bool:
+    return any(getattr(args, name) is not None
+               for name in ("calib", "calib_images", "calib_data", "synth_steps"))
 
 
 def add_output_arguments(parser) -> None:
@@ -95,14 +177,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_prune(args) -> int:
+    from autodfp.calibration import pin_images
     from autodfp.pruning import apply_strategy, load_base
 
     strategy = _strategy_from_args(args)
     check_out(args.out, args.force)
     base = load_base(strategy)
+    if strategy.calibration is not None:
+        strategy.calibration = pin_images(strategy.calibration, base[1])
+    calibration = (f"calibration={strategy.calibration.order} on {strategy.calibration.count} "
+                   f"{'synthetic' if strategy.calibration.images == 'synthetic' else 'user'} "
+                   "images" if strategy.calibration else "calibration=none")
     _say(f"pruning {strategy.model}: {len(strategy.layers)} group(s), select={strategy.select}, "
-         f"reconstruct={strategy.reconstruct}")
-    write_pruned(apply_strategy(strategy, base), args)
+         f"reconstruct={strategy.reconstruct}, {calibration}")
+    start = time.perf_counter()
+    pruned = apply_strategy(strategy, base, progress=True)
+    _say(f"pruned and calibrated in {time.perf_counter() - start:.1f} s")
+    write_pruned(pruned, args)
     return 0
 
 
@@ -111,7 +202,9 @@ def write_pruned(pruned, args, extra_report: dict | None = None) -> dict:
     from autodfp.export import write_model_folder
     from autodfp.report import build_report, format_report
 
-    report = {**build_report(pruned, latency=args.latency, progress=True), **(extra_report or {})}
+    splits = [] if getattr(args, "no_eval", False) else None
+    report = {**build_report(pruned, splits, latency=args.latency, progress=True),
+              **(extra_report or {})}
     report = write_model_folder(pruned, report, args.out, overwrite=args.force,
                                 onnx=not args.no_onnx)
     print(format_report(report))
@@ -127,6 +220,9 @@ def _strategy_from_args(args):
         if args.keep is not None:
             raise AutoDFPError("give either --keep or --strategy, not both")
         strategy = Strategy.load(args.strategy)
+        if _calibration_flags_given(args):
+            raise AutoDFPError("a strategy file fixes its calibration; --calib, --calib-images, "
+                               "--calib-data and --synth-steps go with --keep")
         if args.model and args.model != strategy.model:
             raise AutoDFPError(f"--model {args.model} differs from the strategy's model "
                                f"{strategy.model}")
@@ -136,9 +232,12 @@ def _strategy_from_args(args):
         return strategy
     if not args.model or args.keep is None:
         raise AutoDFPError("give --model and --keep, or --strategy FILE")
-    return uniform_strategy(args.model, args.keep, select=args.select,
-                            reconstruct=args.reconstruct, coef=args.coef,
-                            checkpoint=args.checkpoint, nm_sigma=args.nm_sigma)
+    calibration = calibration_from_args(args)
+    strategy = uniform_strategy(args.model, args.keep, select=args.select,
+                                reconstruct=args.reconstruct, coef=args.coef,
+                                checkpoint=args.checkpoint, nm_sigma=args.nm_sigma)
+    strategy.calibration = calibration
+    return strategy
 
 
 def check_out(out: Path, force: bool) -> None:
@@ -174,6 +273,38 @@ def cmd_eval(args) -> int:
     if args.latency:
         for batch in (1, 256):
             print(f"  latency batch {batch}: {latency_ms(model, spec, batch):.2f} ms")
+    return 0
+
+
+def cmd_synth(args) -> int:
+    import dataclasses
+    import json
+
+    from autodfp.io import atomic_directory
+    from autodfp.models import build_model
+    from autodfp.synthetic import save_grid, synthetic_images
+
+    check_out(args.out, args.force)
+    model, spec = build_model(args.model, args.checkpoint)
+    changes = {k: v for k, v in (("count", args.count), ("steps", args.steps),
+                                 ("batch_size", args.batch_size)) if v is not None}
+    config = dataclasses.replace(DEFAULT_CALIBRATION.synth, seed=args.seed, **changes)
+    _say(f"synthesising {config.count} images for {args.model} ({config.steps} steps per "
+         f"batch of {config.batch_size})")
+    start = time.perf_counter()
+    images = synthetic_images(model, spec.input_size, config, progress=True)
+    seconds = time.perf_counter() - start
+    with atomic_directory(args.out, overwrite=args.force) as scratch:
+        import torch
+
+        torch.save(images, scratch / "images.pt")
+        save_grid(images, spec.mean, spec.std, scratch / "grid.png")
+        (scratch / "synth.json").write_text(json.dumps(
+            {"model": args.model, "input_size": list(spec.input_size), "mean": list(spec.mean),
+             "std": list(spec.std), "config": config.to_dict(), "seconds": round(seconds, 1)},
+            indent=2) + "\n")
+    print(f"{config.count} images in {seconds:.1f} s (a cached set reads back in well under a "
+          f"second); wrote {args.out}/ (images.pt: normalised NCHW float32, grid.png, synth.json)")
     return 0
 
 

@@ -238,3 +238,60 @@ def to_tensor(x: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) ->
     m = torch.tensor(mean).view(1, -1, 1, 1)
     s = torch.tensor(std).view(1, -1, 1, 1)
     return t.sub_(m).div_(s).contiguous()
+
+
+def load_unlabeled(path: str | Path, input_size: tuple[int, int, int], *, count: int,
+                   seed: int = 0) -> np.ndarray:
+    """``count`` images (uint8 NHWC) from user data for calibration; labels are ignored.
+
+    ``path``: an ``.npz`` with ``x`` (N,H,W,3 uint8), an ImageFolder tree, or a flat folder of
+    images. A seeded random subset of ``count`` images is taken, in a fixed order. Images must
+    already have the model's input size.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise AutoDFPError(f"calibration data not found: {path}")
+    if path.suffix == ".npz":
+        try:
+            with np.load(path) as data:
+                if "x" not in data:
+                    raise AutoDFPError(f"{path} must hold an array 'x' of images")
+                x = data["x"]
+        except (OSError, ValueError) as exc:
+            raise AutoDFPError(f"cannot read {path}: {exc}") from None
+    elif path.is_dir():
+        x = _load_unlabeled_folder(path)
+    else:
+        raise AutoDFPError(f"calibration data must be an .npz file or a folder of images: {path}")
+    channels, height, width = input_size
+    if x.ndim != 4 or x.dtype != np.uint8 or x.shape[-1] != channels:
+        raise AutoDFPError(f"{path}: images must be uint8 (N,H,W,{channels}), "
+                           f"got {x.dtype} {x.shape}")
+    if x.shape[1:3] != (height, width):
+        raise AutoDFPError(f"{path}: images are {x.shape[1]}x{x.shape[2]}, the model takes "
+                           f"{height}x{width}")
+    if len(x) == 0:
+        raise AutoDFPError(f"{path} holds no images")
+    if count > len(x):
+        raise AutoDFPError(f"{path} holds {len(x)} images; calibration asks for {count}")
+    index = np.sort(np.random.default_rng(seed).permutation(len(x))[:count])
+    return np.ascontiguousarray(x[index])
+
+
+def _load_unlabeled_folder(root: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    files = sorted(f for f in root.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise AutoDFPError(f"{root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    images = []
+    for file in files:
+        try:
+            with Image.open(file) as img:
+                images.append(np.asarray(img.convert("RGB")))
+        except (OSError, UnidentifiedImageError) as exc:
+            raise AutoDFPError(f"cannot read image {file}: {exc}") from None
+    if len({im.shape for im in images}) != 1:
+        raise AutoDFPError(f"{root}: images differ in size; resize them to the model's input "
+                           "size first")
+    return np.stack(images)

@@ -8,11 +8,13 @@ gives bit-identical weights.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch.nn as nn
 
+from autodfp.calibration import Calibrator, ridge_for
 from autodfp.errors import AutoDFPError
 from autodfp.graph import ChannelGraph
 from autodfp.models import ModelSpec, build_model, get_spec
@@ -32,6 +34,10 @@ class PrunedModel:
     """Groups whose pruned channels were folded into their consumers."""
     excluded: dict[str, str] = field(default_factory=dict)
     """Groups the graph would not prune, with the reason."""
+    refitted: list[str] = field(default_factory=list)
+    """Layers the calibration refitted."""
+    calibrate_s: float = 0.0
+    """Seconds the calibration took (images and targets excluded when a calibrator was given)."""
 
 
 def load_base(strategy: Strategy) -> tuple[nn.Module, ModelSpec]:
@@ -50,16 +56,20 @@ def checkpoint_digest(model_name: str, checkpoint: str | None) -> str | None:
     return file_sha256(path) if path is not None and path.is_file() else None
 
 
-def apply_strategy(strategy: Strategy, base: tuple[nn.Module, ModelSpec] | None = None
-                   ) -> PrunedModel:
-    """Prune ``base`` (or a freshly loaded model) in place according to ``strategy``."""
+def apply_strategy(strategy: Strategy, base: tuple[nn.Module, ModelSpec] | None = None, *,
+                   calibrator: Calibrator | None = None, progress: bool = False) -> PrunedModel:
+    """Prune ``base`` (or a freshly loaded model) in place according to ``strategy``, then
+    calibrate it if the strategy says so. ``calibrator`` (made for the same unpruned model and
+    the strategy's calibration) saves recomputing the calibration images and targets."""
     model, spec = base if base is not None else load_base(strategy)
+    if strategy.calibration is not None and calibrator is None:
+        calibrator = Calibrator.for_model(model, spec, strategy.calibration, progress=progress)
     graph = ChannelGraph(model, spec.example_input())
     unknown = [name for name in strategy.layers if name not in graph.groups]
     if unknown:
         graph.group(unknown[0])  # raises with the reason
     criterion = get_criterion(strategy.select)
-    compensated = []
+    compensated, kept_outputs, ridges = [], {}, {}
     for name, group in graph.groups.items():
         action = strategy.layers.get(name)
         if action is None:
@@ -70,10 +80,19 @@ def apply_strategy(strategy: Strategy, base: tuple[nn.Module, ModelSpec] | None 
         keep = criterion.select(group.producer.weight, n_keep)
         if reconstruct(strategy.reconstruct, group, keep, action.coef, strategy.options):
             compensated.append(name)
+        kept_outputs[name] = sorted(keep.tolist())
+        for consumer in group.consumers:
+            ridges.setdefault(consumer, []).append(action.coef)
         graph.prune(name, keep)
+    refitted, start = [], time.perf_counter()
+    if strategy.calibration is not None:
+        refit = {name: ridge_for(strategy.calibration, sum(coefs) / len(coefs))
+                 for name, coefs in ridges.items()}
+        refitted = calibrator.calibrate(model, refit, kept_outputs)
     return PrunedModel(model, spec, strategy,
                        {n: g.channels for n, g in graph.groups.items()}, compensated,
-                       {g.name: g.reason for g in graph.excluded})
+                       {g.name: g.reason for g in graph.excluded}, refitted,
+                       time.perf_counter() - start)
 
 
 def prunable_groups(model_name: str, checkpoint: str | None = None) -> dict[str, int]:

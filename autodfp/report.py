@@ -66,6 +66,9 @@ def build_report(pruned: PrunedModel, splits: list[ImageSet] | None = None, *,
         "channels": pruned.channels,
         "compensated": pruned.compensated,
         "excluded": pruned.excluded,
+        "calibration": (pruned.strategy.calibration.order if pruned.strategy.calibration
+                        else "none"),
+        "refitted": pruned.refitted,
     }
     if latency:
         report["pruned"]["latency_ms"] = {
@@ -89,9 +92,11 @@ def format_report(report: dict) -> str:
         rows.append((f"latency {key} (ms)", "", f"{value:.2f}", ""))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = [f"{report['model']}  select={report['select']}  "
-             f"reconstruct={report['reconstruct']}"]
+             f"reconstruct={report['reconstruct']}  calibration={report.get('calibration', 'none')}"]
     lines += ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
                         for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
+    if not pruned["accuracy"]:
+        lines.append("accuracy not measured (--no-eval): no image was read")
     if report.get("excluded"):
         lines.append(f"not pruned: {len(report['excluded'])} group(s), e.g. "
                      f"{next(iter(report['excluded'].items()))[0]}: "

@@ -5,11 +5,15 @@
     {"format": "autodfp-strategy/1", "model": "resnet56", "checkpoint": null,
      "checkpoint_sha256": "…", "select": "l1", "reconstruct": "neuron-merging",
      "options": {"nm_lambda": 0.85, …},
-     "layers": {"layer1.0.conv1": {"keep": 0.5, "coef": 1.0}, …}}
+     "layers": {"layer1.0.conv1": {"keep": 0.5, "coef": 1.0}, …},
+     "calibration": {"order": "refit", "images": "synthetic", "count": 256, …}}
 
 ``keep`` is the kept share of the group's output channels; the kept count is
 ``round_half_up(keep * channels)``, at least 1. ``coef`` is the reconstruction coefficient
-(used by the ``autodfp`` reconstruction). Layers not listed are left whole.
+(it blends the ``autodfp`` reconstruction and, with a calibration, sets the refit's ridge:
+:func:`autodfp.calibration.ridge_for`). Layers not listed are left whole. ``calibration``
+(absent or null: none) says how the pruned model is calibrated on synthetic or user images;
+the images it names are regenerated (or read from the cache) on replay.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from autodfp.calibration import CalibrationConfig
 from autodfp.errors import AutoDFPError
 from autodfp.io import atomic_write_text
 from autodfp.reconstruction import METHODS, ReconstructionOptions
@@ -57,6 +62,8 @@ class Strategy:
     checkpoint_sha256: str | None = None
     """Digest of the checkpoint the strategy was made on; checked when it is replayed."""
     options: ReconstructionOptions = field(default_factory=ReconstructionOptions)
+    calibration: CalibrationConfig | None = None
+    """Calibration after pruning; None: none (the closed-form compensation alone)."""
 
     def __post_init__(self):
         if self.select not in CRITERIA:
@@ -72,6 +79,7 @@ class Strategy:
             "checkpoint_sha256": self.checkpoint_sha256, "select": self.select,
             "reconstruct": self.reconstruct, "options": dataclasses.asdict(self.options),
             "layers": {name: dataclasses.asdict(a) for name, a in self.layers.items()},
+            "calibration": self.calibration.to_dict() if self.calibration else None,
         }
 
     @classmethod
@@ -80,10 +88,13 @@ class Strategy:
             raise AutoDFPError(f"not an AutoDFP strategy (expected \"format\": \"{FORMAT}\")")
         try:
             layers = {str(n): LayerAction(**a) for n, a in data["layers"].items()}
+            calibration = data.get("calibration")
             return cls(model=data["model"], layers=layers, select=data["select"],
                        reconstruct=data["reconstruct"], checkpoint=data.get("checkpoint"),
                        checkpoint_sha256=data.get("checkpoint_sha256"),
-                       options=ReconstructionOptions(**data.get("options", {})))
+                       options=ReconstructionOptions(**data.get("options", {})),
+                       calibration=(CalibrationConfig.from_dict(calibration)
+                                    if calibration is not None else None))
         except (KeyError, TypeError, AttributeError) as exc:
             raise AutoDFPError(f"malformed strategy: {type(exc).__name__}: {exc}") from None
 

@@ -8,8 +8,13 @@
   kernel, stride, MACs share), its DBSCAN similarity statistics (computed once per env), and
   dynamic features (MACs removed so far, MACs still prunable after this group, previous action).
 - Reward: 0 on every step but the last, which gets the top-1 accuracy (a fraction) of the
-  pruned and reconstructed model on the reward split (training images). Identical strategies
-  are evaluated once (cache).
+  pruned, compensated and calibrated model on the reward split (training images). Identical
+  strategies are evaluated once (cache).
+- Calibration (``calibration``, default on): every candidate is calibrated as
+  ``autodfp prune`` calibrates it (:mod:`autodfp.calibration`); the calibration images and the
+  unpruned model's targets are made once per env, so an episode costs one calibration forward
+  pass more than an uncalibrated one. ``a[1]`` then also sets each group's refit ridge
+  (:func:`autodfp.calibration.ridge_for`).
 """
 
 from __future__ import annotations
@@ -17,11 +22,12 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import gymnasium as gym
 import numpy as np
 
+from autodfp.calibration import Calibrator, CalibrationConfig, pin_images
 from autodfp.data import reward_split
 from autodfp.errors import AutoDFPError
 from autodfp.graph import ChannelGraph
@@ -53,6 +59,9 @@ class EnvConfig:
     """Selection criterion (autodfp.selection)."""
     reconstruct: str = "autodfp"
     """Reconstruction method (autodfp.reconstruction)."""
+    calibration: dict | None = field(default_factory=dict)
+    """Fields of :class:`autodfp.calibration.CalibrationConfig` ({} = its defaults: refit on
+    256 synthetic images); None: no calibration (the closed-form compensation alone)."""
     device: str = "auto"
     """Where rewards are evaluated: ``auto`` takes the GPU this process was given, if any."""
     torch_threads: int = 0
@@ -70,10 +79,16 @@ class EnvConfig:
             raise AutoDFPError(f"macs_budget must be in (0, 1], got {config.macs_budget}")
         if not 0.0 < config.keep_lower <= 1.0:
             raise AutoDFPError(f"keep_lower must be in (0, 1], got {config.keep_lower}")
+        config.calibration_config()  # validates
         if config.action_mode not in ("fair-share", "absolute"):
             raise AutoDFPError(f"action_mode must be 'fair-share' or 'absolute', "
                                f"got {config.action_mode!r}")
         return config
+
+    def calibration_config(self) -> CalibrationConfig | None:
+        if self.calibration is None:
+            return None
+        return CalibrationConfig.from_dict(self.calibration)
 
 
 def _resolve_device(device: str) -> str:
@@ -96,9 +111,15 @@ class AutoDFPEnv(gym.Env):
             torch.set_num_threads(self.config.torch_threads)
         base_strategy = Strategy(self.config.model, {}, self.config.select,
                                  self.config.reconstruct, self.config.checkpoint,
-                                 checkpoint_digest(self.config.model, self.config.checkpoint))
+                                 checkpoint_digest(self.config.model, self.config.checkpoint),
+                                 calibration=self.config.calibration_config())
         self._template = base_strategy
         self._base_model, self._spec = load_base(base_strategy)
+        self._calibrator = None
+        if base_strategy.calibration is not None:
+            base_strategy.calibration = pin_images(base_strategy.calibration, self._spec)
+            self._calibrator = Calibrator.for_model(self._base_model, self._spec,
+                                                    base_strategy.calibration)
         self.device = _resolve_device(self.config.device)  # pruned copies are evaluated there
         self._images = reward_split(self.config.reward_size, self.config.reward_seed)
         self.group_names, self._channels, self._static = self._describe_groups()
@@ -133,7 +154,8 @@ class AutoDFPEnv(gym.Env):
         base_macs = model_cost(self._base_model, self._spec).macs
         per_group = []
         for name, channels in zip(self.group_names, self._channels):
-            half = Strategy(**{**self.strategy_fields(), "layers": {name: LayerAction(0.5)}})
+            half = Strategy(**{**self.strategy_fields(), "calibration": None,
+                               "layers": {name: LayerAction(0.5)}})
             pruned = apply_strategy(half, (copy.deepcopy(self._base_model), self._spec))
             kept = LayerAction(0.5).kept_channels(int(channels)) / channels
             saved = base_macs - model_cost(pruned.model, self._spec).macs
@@ -145,7 +167,8 @@ class AutoDFPEnv(gym.Env):
     def strategy_fields(self) -> dict:
         t = self._template
         return {"model": t.model, "select": t.select, "reconstruct": t.reconstruct,
-                "checkpoint": t.checkpoint, "checkpoint_sha256": t.checkpoint_sha256}
+                "checkpoint": t.checkpoint, "checkpoint_sha256": t.checkpoint_sha256,
+                "calibration": t.calibration}
 
     def _lower_channels(self) -> np.ndarray:
         return np.maximum(1, np.ceil(self.config.keep_lower * self._channels - 1e-9))
@@ -232,12 +255,15 @@ class AutoDFPEnv(gym.Env):
     def evaluate(self, strategy: Strategy) -> float:
         """Accuracy (fraction) of ``strategy`` on the reward split, cached."""
         key = strategy.to_json()
-        self.last_timing = {"surgery_s": 0.0, "eval_s": 0.0, "cached": key in self._cache}
+        self.last_timing = {"surgery_s": 0.0, "calibrate_s": 0.0, "eval_s": 0.0, "cached": key in self._cache}
         if key not in self._cache:
             start = time.perf_counter()
-            pruned = apply_strategy(strategy, (copy.deepcopy(self._base_model), self._spec))
+            pruned = apply_strategy(strategy, (copy.deepcopy(self._base_model), self._spec),
+                                    calibrator=self._calibrator)
             middle = time.perf_counter()
             self._cache[key] = accuracy(pruned.model, self._images, self._spec,
                                         device=self.device) / 100.0
-            self.last_timing.update(surgery_s=middle - start, eval_s=time.perf_counter() - middle)
+            self.last_timing.update(surgery_s=middle - start - pruned.calibrate_s,
+                                    calibrate_s=pruned.calibrate_s,
+                                    eval_s=time.perf_counter() - middle)
         return self._cache[key]

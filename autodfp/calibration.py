@@ -1,0 +1,365 @@
+"""Calibration after pruning, on synthetic (or user-given unlabeled) images.
+
+Two steps, both deterministic on the CPU and both part of the strategy (a replay repeats them):
+
+- **Refit** (default): every consumer of a pruned group (the conv or linear layer reading the
+  pruned channels) is refitted by ridge least squares so that, on the calibration images, its
+  output matches the *unpruned* model's output of the same layer. Inputs are the pruned
+  model's own activations, in forward order, so each refit also absorbs the error of the layers
+  before it (as AMC's, ThiNet's and ModHiFi's refits do with real data). It runs as one forward
+  pass: a pre-forward hook on each consumer solves its least squares on the inputs arriving
+  there, writes the weights, and lets the pass go on through the refitted layer. Only sampled
+  output positions enter the fit (``positions`` per image), and the unpruned targets are
+  computed once per :class:`Calibrator` (an env computes them once, not per episode).
+  The ridge pulls toward the consumer's current weights (after the closed-form compensation),
+  not toward zero; a group's coefficient sets how strongly (see :func:`ridge_for`).
+- **BN re-estimation** (``bn``): reset every BatchNorm's running statistics and re-estimate them
+  as a cumulative average over the calibration images in a fixed batch order.
+
+``order`` picks which steps run and in what order; the measurements behind the default are in
+``docs/calibration.md``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from autodfp.errors import AutoDFPError
+from autodfp.synthetic import SynthConfig
+
+ORDERS = ("refit", "bn", "bn+refit", "refit+bn")
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """What calibration a strategy applies after pruning (``None`` in a strategy: none)."""
+
+    order: str = "refit"
+    """``refit``, ``bn``, ``bn+refit`` (BN re-estimation, then the refit, which restores the
+    statistics of the BNs after refitted layers) or ``refit+bn``."""
+    images: str = "synthetic"
+    """``synthetic`` (made from the model's BN statistics) or a path to user images (an
+    ImageFolder tree or an ``.npz`` with ``x``; labels ignored)."""
+    images_sha256: str | None = None
+    """Digest of the user images used (checked on replay); None for synthetic images."""
+    count: int = 256
+    """Calibration images."""
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    """How synthetic images are made (its ``count`` is this config's ``count``)."""
+    ridge: float = 1e-3
+    """Ridge of the refit at coefficient 1, relative to the mean input energy."""
+    ridge_span: float = 4.0
+    """Decades the ridge grows from coefficient 1 down to 0 (coef 0: ridge x 10^span)."""
+    positions: int = 16
+    """Sampled output positions per image in a conv's refit."""
+    seed: int = 0
+    """Seed of the sampled positions (and of the user-image subset)."""
+
+    def __post_init__(self):
+        if self.order not in ORDERS:
+            raise AutoDFPError(f"calibration order must be one of {', '.join(ORDERS)}, "
+                               f"got {self.order!r}")
+        if not isinstance(self.count, int) or isinstance(self.count, bool) or self.count <= 0:
+            raise AutoDFPError(f"calibration image count must be a positive integer, "
+                               f"got {self.count!r}")
+        if isinstance(self.synth, dict):
+            object.__setattr__(self, "synth", SynthConfig(**self.synth))
+        if self.synth.count != self.count:
+            object.__setattr__(self, "synth", dataclasses.replace(self.synth, count=self.count))
+        if not isinstance(self.positions, int) or self.positions <= 0:
+            raise AutoDFPError(f"calibration positions must be a positive integer, "
+                               f"got {self.positions!r}")
+        for name in ("ridge", "ridge_span"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise AutoDFPError(f"calibration {name} must be a finite number >= 0, "
+                                   f"got {value!r}")
+
+    @property
+    def refit(self) -> bool:
+        return "refit" in self.order
+
+    @property
+    def bn(self) -> bool:
+        return "bn" in self.order
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CalibrationConfig":
+        if not isinstance(data, dict):
+            raise AutoDFPError("strategy calibration must be a mapping")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise AutoDFPError(f"unknown calibration key(s): {', '.join(unknown)}")
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise AutoDFPError(f"malformed calibration: {exc}") from None
+
+
+def ridge_for(config: CalibrationConfig, coef: float) -> float:
+    """Relative ridge of a refit whose group has coefficient ``coef``: ``ridge`` at 1, growing
+    by ``ridge_span`` decades toward 0, where the refit stays near the closed-form weights."""
+    return config.ridge * 10.0 ** (config.ridge_span * (1.0 - coef))
+
+
+def calibration_images(config: CalibrationConfig, model: nn.Module, spec, *,
+                       progress: bool = False) -> torch.Tensor:
+    """The normalised calibration images a config names (synthetic ones from the cache)."""
+    from autodfp.synthetic import synthetic_images
+
+    if config.images == "synthetic":
+        return synthetic_images(model, spec.input_size, config.synth, progress=progress)
+    from autodfp.data import load_unlabeled, to_tensor
+
+    x = load_unlabeled(config.images, spec.input_size, count=config.count, seed=config.seed)
+    digest = images_digest(x)
+    if config.images_sha256 and digest != config.images_sha256:
+        raise AutoDFPError(f"calibration images {config.images} differ from the ones this "
+                           "strategy was made with (sha256 mismatch)")
+    return to_tensor(x, spec.mean, spec.std)
+
+
+def pin_images(config: CalibrationConfig, spec) -> CalibrationConfig:
+    """``config`` with the digest of its user images recorded (checked again on replay);
+    fails early, in one line, on missing, empty or wrong-size data. Synthetic: unchanged."""
+    from autodfp.data import load_unlabeled
+
+    if config.images == "synthetic":
+        return config
+    x = load_unlabeled(config.images, spec.input_size, count=config.count, seed=config.seed)
+    digest = images_digest(x)
+    if config.images_sha256 and config.images_sha256 != digest:
+        raise AutoDFPError(f"calibration images {config.images} differ from the ones this "
+                           "strategy was made with (sha256 mismatch)")
+    return dataclasses.replace(config, images_sha256=digest)
+
+
+def images_digest(x: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()
+
+
+@dataclass
+class _Target:
+    """What the unpruned model produced at one consumer, at the sampled positions."""
+    output: torch.Tensor
+    """(rows, out_features) unpruned outputs, float64."""
+    rows: tuple[torch.Tensor, ...] | None
+    """(image, y, x) index of each row for convs; None for linears (one row per image)."""
+    bn_mean: torch.Tensor | None
+    """running_mean of the BN right after the consumer in the unpruned model."""
+    bn_var: torch.Tensor | None
+
+
+class Calibrator:
+    """Calibrates pruned copies of one base model; targets are computed once here."""
+
+    def __init__(self, base_model: nn.Module, images: torch.Tensor, config: CalibrationConfig,
+                 consumers: dict[str, nn.Module | None], following_bn: dict[str, str | None]):
+        """``consumers``: name -> module of every layer that may be refitted (in the base
+        model); ``following_bn``: consumer name -> name of the BN right after it, if any."""
+        self.config = config
+        self.images = images
+        self.following_bn = following_bn
+        self.targets: dict[str, _Target] = {}
+        if config.refit:
+            self._compute_targets(base_model, consumers)
+
+    @classmethod
+    def for_model(cls, base_model: nn.Module, spec, config: CalibrationConfig, *,
+                  images: torch.Tensor | None = None, progress: bool = False) -> "Calibrator":
+        """Every consumer of every prunable group of ``base_model`` (which is not modified)."""
+        from autodfp.graph import ChannelGraph
+
+        model = copy.deepcopy(base_model).eval()
+        if images is None:
+            images = calibration_images(config, model, spec, progress=progress)
+        graph = ChannelGraph(model, spec.example_input())
+        names = {m: n for n, m in model.named_modules()}
+        consumers, following = {}, {}
+        for group in graph.groups.values():
+            for name, module in group.consumers.items():
+                consumers[name] = module
+                bn = group.consumer_bn.get(name)
+                following[name] = names[bn] if bn is not None else None
+        return cls(model, images, config, consumers, following)
+
+    # -- targets ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _compute_targets(self, model: nn.Module, consumers: dict[str, nn.Module]) -> None:
+        generator = torch.Generator().manual_seed(self.config.seed)
+        handles = []
+        for name, module in consumers.items():
+            if not _refittable(module):
+                continue
+            handles.append(module.register_forward_hook(self._target_hook(name, generator)))
+        try:
+            model.eval()(self.images)
+        finally:
+            for h in handles:
+                h.remove()
+        modules = dict(model.named_modules())
+        for name, target in self.targets.items():
+            bn_name = self.following_bn.get(name)
+            if bn_name is not None:
+                bn = modules[bn_name]
+                target.bn_mean = bn.running_mean.detach().clone()
+                target.bn_var = bn.running_var.detach().clone()
+
+    def _target_hook(self, name: str, generator: torch.Generator):
+        def hook(module, inputs, output):
+            if output.dim() == 4:
+                n, _, h, w = output.shape
+                count = min(self.config.positions, h * w)
+                # positions drawn without replacement per image, in a fixed order
+                flat = torch.stack([torch.randperm(h * w, generator=generator)[:count]
+                                    for _ in range(n)])
+                image = torch.arange(n).repeat_interleave(count)
+                ys, xs = (flat // w).reshape(-1), (flat % w).reshape(-1)
+                rows = (image, ys, xs)
+                values = output[image, :, ys, xs]
+            else:
+                rows, values = None, output
+            self.targets[name] = _Target(values.double(), rows, None, None)
+        return hook
+
+    # -- calibration --------------------------------------------------------------------
+
+    def calibrate(self, model: nn.Module, refit: dict[str, float],
+                  kept_outputs: dict[str, list[int]] | None = None) -> list[str]:
+        """Calibrate the pruned ``model`` in place.
+
+        ``refit``: consumer name -> relative ridge, for the consumers to refit;
+        ``kept_outputs``: for a consumer that is itself the producer of a pruned group, the
+        original indices of the output channels it kept. Returns the refitted layer names.
+        """
+        done: list[str] = []
+        for step in self.config.order.split("+"):
+            if step == "bn":
+                reestimate_batchnorm(model, self.images)
+            else:
+                done = self._refit(model, refit, kept_outputs or {})
+        return done
+
+    @torch.no_grad()
+    def _refit(self, model: nn.Module, ridges: dict[str, float],
+               kept_outputs: dict[str, list[int]]) -> list[str]:
+        modules = dict(model.named_modules())
+        done: list[str] = []
+        handles = []
+        for name, ridge in ridges.items():
+            module = modules.get(name)
+            if name not in self.targets or module is None or not _refittable(module):
+                continue
+            bn = modules.get(self.following_bn.get(name) or "")
+            handles.append(module.register_forward_pre_hook(
+                self._refit_hook(name, ridge, bn, kept_outputs.get(name), done)))
+        if not handles:
+            return done
+        was_training = model.training
+        try:
+            model.eval()(self.images)
+        finally:
+            for h in handles:
+                h.remove()
+            model.train(was_training)
+        return done
+
+    def _refit_hook(self, name, ridge, bn, kept, done):
+        target = self.targets[name]
+
+        def hook(module, inputs):
+            x = inputs[0]
+            features = (_conv_patches(module, x, target.rows) if target.rows is not None
+                        else x.double())
+            y = target.output if kept is None else target.output[:, kept]
+            w0 = module.weight.detach().reshape(module.weight.shape[0], -1).double()
+            intercept = module.bias is not None or bn is not None
+            weight, bias = ridge_fit(features, y, w0, ridge, intercept)
+            module.weight.copy_(weight.reshape(module.weight.shape).to(module.weight.dtype))
+            if module.bias is not None:
+                module.bias.copy_(bias.to(module.bias.dtype))
+            elif bn is not None:
+                mean = target.bn_mean if kept is None else target.bn_mean[kept]
+                var = target.bn_var if kept is None else target.bn_var[kept]
+                bn.running_mean.copy_((mean.double() - bias).to(bn.running_mean.dtype))
+                bn.running_var.copy_(var)
+            done.append(name)
+        return hook
+
+
+def ridge_fit(x: torch.Tensor, y: torch.Tensor, w0: torch.Tensor, ridge: float,
+              intercept: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """argmin_W,b ||x W^T + b - y||^2 + lam ||W - w0||^2, lam = ridge * mean diag(x^T x).
+
+    All float64. Returns (W of w0's shape, b); b is zeros without ``intercept``.
+    """
+    if intercept:
+        x_mean, y_mean = x.mean(0), y.mean(0)
+        x, y = x - x_mean, y - y_mean
+    gram = x.T @ x
+    lam = ridge * max(float(torch.diagonal(gram).mean()), 1e-12)
+    rhs = x.T @ y + lam * w0.T
+    gram.diagonal().add_(lam)
+    weight = torch.linalg.solve(gram, rhs).T
+    bias = (y_mean - x_mean @ weight.T) if intercept else torch.zeros(weight.shape[0],
+                                                                      dtype=torch.float64)
+    return weight.contiguous(), bias
+
+
+def _refittable(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    return (isinstance(module, nn.Conv2d) and module.groups == 1
+            and module.padding_mode == "zeros" and not isinstance(module.padding, str))
+
+
+def _conv_patches(conv: nn.Conv2d, x: torch.Tensor, rows) -> torch.Tensor:
+    """The im2col rows of ``x`` at the sampled output positions, in weight.view(O, -1) order."""
+    image, ys, xs = rows
+    (kh, kw), (sh, sw) = conv.kernel_size, conv.stride
+    (ph, pw), (dh, dw) = conv.padding, conv.dilation
+    padded = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+    taps = [padded[image, :, ys * sh + i * dh, xs * sw + j * dw]
+            for i in range(kh) for j in range(kw)]
+    return torch.stack(taps, dim=-1).reshape(len(image), -1).double()
+
+
+@torch.no_grad()
+def reestimate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: int = 128) -> None:
+    """Reset every BN's running statistics and re-estimate them as a cumulative average over
+    ``images`` in their fixed order."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+           and m.track_running_stats]
+    momenta = [bn.momentum for bn in bns]
+    was_training = model.training
+    try:
+        for bn in bns:
+            bn.reset_running_stats()
+            bn.momentum = None
+        model.eval()
+        for bn in bns:
+            bn.train()  # only the BNs: dropout and the like stay in eval mode
+        for start in range(0, len(images), batch_size):
+            model(images[start:start + batch_size])
+    finally:
+        for bn, momentum in zip(bns, momenta):
+            bn.momentum = momentum
+        model.train(was_training)
+
+
+DEFAULT_CALIBRATION = CalibrationConfig()
+"""What ``autodfp prune`` and the search use unless told otherwise."""
