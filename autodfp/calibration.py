@@ -57,7 +57,7 @@ class CalibrationConfig:
     """How synthetic images are made (its ``count`` is this config's ``count``)."""
     ridge: float = 1e-3
     """Ridge of the refit at coefficient 1, relative to the mean input energy."""
-    ridge_span: float = 4.0
+    ridge_span: float = 6.0
     """Decades the ridge grows from coefficient 1 down to 0 (coef 0: ridge x 10^span)."""
     positions: int = 16
     """Sampled output positions per image in a conv's refit."""

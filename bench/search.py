@@ -1,21 +1,25 @@
 """SAC against random and uniform search on ResNet-56 at <= 50% of the MACs.
 
     python bench/search.py [--run RUN_DIR] [--episodes 400] [--reward-size 1000]
-                           [--runners 0,1,2] [--throughput-episodes 30]
+                           [--runners 0,1,2] [--throughput-episodes 30] [--no-calibration]
+                           [--save-best examples/NAME.json]
 
 1. A SAC search (or an existing run folder, ``--run``), random search with as many episodes,
-   and the best uniform strategy, all in the same env (same budget and reward set).
+   and the best uniform strategy, all in the same env (same budget, reward set and, by
+   default, the same calibration on synthetic images).
 2. Best-so-far strategy of each method at episode milestones, evaluated on the lossless 1,017
-   test images (never used for the reward).
+   and the JPEG 10,000 test images (never used for the reward).
 3. Episodes per second with 0 (in-process), 1 and 2 env runners, and the share of wall time the
-   env spends in surgery + evaluation (the rest is RLlib, Tune and DBSCAN set-up overhead).
+   env spends in surgery + calibration + evaluation (the rest is RLlib and Tune overhead).
 
-Writes ``bench/results/search.json`` and ``search.png``; prints Markdown tables.
+Writes ``bench/results/search.json`` (``search-uncalibrated.json`` with ``--no-calibration``)
+and ``search.png``; prints Markdown tables.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shutil
 import sys
@@ -69,22 +73,25 @@ def random_episodes(env: AutoDFPEnv, n: int, seed: int) -> list[dict]:
     return episodes
 
 
-def throughput(runners: int, episodes: int, reward_size: int, storage: Path) -> dict:
+def throughput(runners: int, episodes: int, env_config: dict, storage: Path) -> dict:
     cfg = SearchConfig(name=f"throughput-{runners}", storage=str(storage), episodes=episodes,
                        warmup_episodes=min(10, episodes), num_env_runners=runners,
-                       checkpoint_every=1000, env={**ENV, "reward_size": reward_size})
+                       checkpoint_every=1000, env=env_config)
     start = time.perf_counter()
     run_dir = run_search(cfg)
     wall = time.perf_counter() - start
     logged = load_episodes(run_dir)
     stamps = [e["time"] for e in logged]
     steady = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else float("nan")
-    env_s = sum(e["timing"].get("surgery_s", 0) + e["timing"].get("eval_s", 0) for e in logged)
+    env_s = sum(e["timing"].get("surgery_s", 0) + e["timing"].get("calibrate_s", 0)
+                + e["timing"].get("eval_s", 0) for e in logged)
     span = stamps[-1] - stamps[0] if len(stamps) > 1 else wall
     return {"runners": runners, "episodes": len(logged), "wall_s": wall,
             "episodes_per_s_steady": steady, "episodes_per_s_with_startup": len(logged) / wall,
             "env_share_of_steady_wall": env_s / max(span, 1e-9) / max(runners, 1),
             "surgery_s_mean": float(np.mean([e["timing"].get("surgery_s", 0) for e in logged])),
+            "calibrate_s_mean": float(np.mean([e["timing"].get("calibrate_s", 0)
+                                               for e in logged])),
             "eval_s_mean": float(np.mean([e["timing"].get("eval_s", 0) for e in logged]))}
 
 
@@ -98,13 +105,21 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--throughput-only", action="store_true",
                         help="only the env-runner throughput part")
+    parser.add_argument("--no-calibration", action="store_true",
+                        help="the closed-form reward of earlier versions (no calibration)")
+    parser.add_argument("--save-best", type=Path,
+                        help="write SAC's best strategy (reward set) to this JSON file")
     args = parser.parse_args()
+    suffix = "-uncalibrated" if args.no_calibration else ""
+    base_env = {**ENV, "reward_size": args.reward_size,
+                **({"calibration": None} if args.no_calibration else {})}
     if args.throughput_only:
-        speed = [throughput(int(r), args.throughput_episodes, args.reward_size,
+        speed = [throughput(int(r), args.throughput_episodes, base_env,
                             Path(tempfile.mkdtemp(prefix="autodfp-bench-")))
                  for r in args.runners.split(",")]
         print_throughput(speed)
-        atomic_write_text(args.out / "search-throughput.json", json.dumps(speed, indent=1))
+        atomic_write_text(args.out / f"search-throughput{suffix}.json",
+                          json.dumps(speed, indent=1))
         return 0
     scratch = Path(tempfile.mkdtemp(prefix="autodfp-bench-"))
     try:
@@ -112,7 +127,7 @@ def main() -> int:
             run_dir = args.run.resolve()
             env_config = load_run_config(run_dir).env
         else:
-            env_config = {**ENV, "reward_size": args.reward_size}
+            env_config = base_env
             cfg = SearchConfig(name="sac", storage=str(scratch), episodes=args.episodes,
                                warmup_episodes=max(10, args.episodes // 10), env=env_config)
             run_dir = run_search(cfg)
@@ -124,54 +139,68 @@ def main() -> int:
         rand = random_episodes(env, n, seed=1)
         random_s = time.perf_counter() - start
         uniform = uniform_search(env)
-        lossless = load_split("test-lossless")
+        tests = [load_split("test-lossless"), load_split("test-jpeg")]
+        known: dict[str, dict] = {}
 
-        def test_acc(strategy: Strategy) -> float:
-            pruned = apply_strategy(strategy)
-            return accuracy(pruned.model, lossless, pruned.spec)
+        def test_acc(strategy: Strategy) -> dict:
+            key = strategy.to_json()
+            if key not in known:
+                pruned = apply_strategy(strategy, (copy.deepcopy(env._base_model), env._spec),
+                                        calibrator=env._calibrator)
+                known[key] = {t.name: accuracy(pruned.model, t, pruned.spec) for t in tests}
+            return known[key]
 
-        uniform_test = test_acc(uniform.strategy)
         rows = []
         for label, episodes in (("SAC", sac), ("random", rand)):
             for m, (reward, strategy) in best_so_far(env, episodes, milestones).items():
+                acc = test_acc(strategy)
                 rows.append({"method": label, "episodes": m, "reward": reward,
-                             "lossless": test_acc(strategy),
+                             "lossless": acc["test-lossless"], "jpeg": acc["test-jpeg"],
                              "macs_ratio": env.macs_ratio_of(strategy)})
+                if label == "SAC" and m == n and args.save_best:
+                    strategy.save(args.save_best)
+        acc = test_acc(uniform.strategy)
         rows.append({"method": uniform.name, "episodes": 0, "reward": uniform.reward,
-                     "lossless": uniform_test, "macs_ratio": uniform.macs_ratio})
+                     "lossless": acc["test-lossless"], "jpeg": acc["test-jpeg"],
+                     "macs_ratio": uniform.macs_ratio})
+        calibration = ("no calibration" if env.config.calibration is None else
+                       f"calibrated ({env._template.calibration.order} on "
+                       f"{env._template.calibration.count} synthetic images)")
         print(f"## ResNet-56, MACs <= {env.config.macs_budget}, reward set "
-              f"{env.config.reward_size} training images\n")
-        print("| method | episodes | reward-set acc | lossless 1,017 % | MACs ratio |")
-        print("|---|---|---|---|---|")
+              f"{env.config.reward_size} training images, {calibration}\n")
+        print("| method | episodes | reward-set acc | lossless 1,017 % | JPEG 10,000 % | MACs ratio |")
+        print("|---|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['method']} | {r['episodes']} | {r['reward']:.4f} | {r['lossless']:.2f} | "
-                  f"{r['macs_ratio']:.3f} |")
+                  f"{r['jpeg']:.2f} | {r['macs_ratio']:.3f} |")
         print(f"\nrandom search: {n / random_s:.2f} episodes/s (env alone, no RLlib)\n", flush=True)
 
-        speed = [throughput(int(r), args.throughput_episodes, env.config.reward_size,
-                            scratch / "throughput") for r in args.runners.split(",")]
+        speed = [throughput(int(r), args.throughput_episodes, env_config,
+                            scratch / "throughput")
+                 for r in args.runners.split(",") if args.runners]
         print_throughput(speed)
         args.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(args.out / "search.json", json.dumps(
-            {"rows": rows, "throughput": speed, "run": str(run_dir),
+        atomic_write_text(args.out / f"search{suffix}.json", json.dumps(
+            {"rows": rows, "throughput": speed, "run": str(run_dir), "env": env_config,
              "random_episodes_per_s": n / random_s}, indent=1))
-        plot(rows, args.out / "search.png")
+        plot(rows, args.out / f"search{suffix}.png", calibration)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return 0
 
 
 def print_throughput(speed: list[dict]) -> None:
-    print("| env runners | episodes/s (steady) | incl. start-up | env surgery+eval share | "
-          "surgery s/ep | eval s/ep |")
-    print("|---|---|---|---|---|---|")
+    print("| env runners | episodes/s (steady) | incl. start-up | env share of wall | "
+          "surgery s/ep | calibration s/ep | eval s/ep |")
+    print("|---|---|---|---|---|---|---|")
     for s in speed:
         print(f"| {s['runners']} | {s['episodes_per_s_steady']:.3f} | "
               f"{s['episodes_per_s_with_startup']:.3f} | {s['env_share_of_steady_wall']:.0%} | "
-              f"{s['surgery_s_mean']:.2f} | {s['eval_s_mean']:.2f} |", flush=True)
+              f"{s['surgery_s_mean']:.2f} | {s.get('calibrate_s_mean', 0):.2f} | "
+              f"{s['eval_s_mean']:.2f} |", flush=True)
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, subtitle: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -183,7 +212,7 @@ def plot(rows: list[dict], path: Path) -> None:
     uniform = next(r for r in rows if r["episodes"] == 0)
     ax.axhline(uniform["lossless"], color="grey", linestyle="--", label="best uniform")
     ax.set(xscale="log", xlabel="episodes", ylabel="best-so-far top-1 %, lossless 1,017",
-           title="ResNet-56 at <= 50% MACs, no fine-tuning")
+           title=f"ResNet-56 at <= 50% MACs, no fine-tuning\n{subtitle}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

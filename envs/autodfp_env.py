@@ -115,16 +115,16 @@ class AutoDFPEnv(gym.Env):
                                  calibration=self.config.calibration_config())
         self._template = base_strategy
         self._base_model, self._spec = load_base(base_strategy)
-        self._calibrator = None
-        if base_strategy.calibration is not None:
-            base_strategy.calibration = pin_images(base_strategy.calibration, self._spec)
-            self._calibrator = Calibrator.for_model(self._base_model, self._spec,
-                                                    base_strategy.calibration)
         self.device = _resolve_device(self.config.device)  # pruned copies are evaluated there
         self._images = reward_split(self.config.reward_size, self.config.reward_seed)
         self.group_names, self._channels, self._static = self._describe_groups()
         self._fixed_macs, self._group_macs = self._macs_model()
         self._check_budget_reachable()
+        self._calibrator = None
+        if base_strategy.calibration is not None:
+            base_strategy.calibration = pin_images(base_strategy.calibration, self._spec)
+            self._calibrator = Calibrator.for_model(self._base_model, self._spec,
+                                                    base_strategy.calibration)
         self._cache: dict[str, float] = {}
         self.last_timing: dict = {}
         self.action_space = gym.spaces.Box(0.0, 1.0, shape=(2,), dtype=np.float32)

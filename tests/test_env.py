@@ -10,7 +10,8 @@ from autodfp.pruning import apply_strategy
 from autodfp.strategy import Strategy
 from envs.autodfp_env import AutoDFPEnv
 
-CONFIG = {"model": "resnet20", "reward_size": 100, "macs_budget": 0.6, "keep_lower": 0.25}
+CONFIG = {"model": "resnet20", "reward_size": 100, "macs_budget": 0.6, "keep_lower": 0.25,
+          "calibration": {"count": 32, "synth": {"steps": 6}}}
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +94,16 @@ def test_absolute_mode_maps_actions_linearly():
     keeps = [layer["keep"] for layer in info["strategy"]["layers"].values()]
     expected = [round((0.25 + 0.5 * 0.75) * c) / c for c in env._channels]
     assert keeps == pytest.approx(expected, abs=1e-9)
+
+
+def test_calibrated_episodes_time_the_calibration_and_the_coefficient_matters(env):
+    rewards = {}
+    for coef in (0.0, 1.0):
+        reward, info = run_episode(env, np.tile([0.5, coef], (9, 1)))
+        assert info["timing"]["calibrate_s"] > 0 and info["strategy"]["calibration"]["count"] == 32
+        rewards[coef] = reward
+    assert rewards[1.0] != rewards[0.0]
+    uncalibrated = AutoDFPEnv({**CONFIG, "calibration": None})
+    reward, info = run_episode(uncalibrated, np.tile([0.5, 1.0], (9, 1)))
+    assert info["strategy"]["calibration"] is None and info["timing"]["calibrate_s"] == 0
+    assert reward < rewards[1.0]

@@ -22,7 +22,7 @@ episodes: {episodes}
 warmup_episodes: 2
 checkpoint_every: 1
 buffer_capacity: 2000
-env: {{model: resnet20, reward_size: 50, macs_budget: 0.6}}
+env: {{model: resnet20, reward_size: 50, macs_budget: 0.6, calibration: {{count: 16, synth: {{steps: 3}}}}}}
 """
 
 

@@ -1,0 +1,173 @@
+"""Synthetic calibration images and the calibration after pruning, on the real weights."""
+
+import copy
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from autodfp.calibration import CalibrationConfig, Calibrator, reestimate_batchnorm, ridge_fit
+from autodfp.data import load_unlabeled, reward_split
+from autodfp.errors import AutoDFPError
+from autodfp.metrics import accuracy
+from autodfp.models import build_model
+from autodfp.pruning import apply_strategy, load_base, uniform_strategy
+from autodfp.synthetic import SynthConfig, generate, synthetic_images
+
+TINY = SynthConfig(count=48, batch_size=48, steps=12)
+CALIB = CalibrationConfig(count=48, synth=TINY)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("AUTODFP_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="module")
+def resnet20():
+    return build_model("resnet20")
+
+
+def bn_mismatch(model, images):
+    """Mean over BN layers of ||batch mean - running_mean|| at the BN inputs."""
+    gaps = []
+
+    def hook(module, inputs, output):
+        gaps.append(float((inputs[0].mean((0, 2, 3)) - module.running_mean).norm()))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():
+        model(images)
+    for h in handles:
+        h.remove()
+    return float(np.mean(gaps))
+
+
+def test_synthetic_images_match_bn_statistics_and_are_deterministic(resnet20):
+    model, spec = resnet20
+    images = generate(model, spec.input_size, TINY)
+    assert images.shape == (48, 3, 32, 32) and images.dtype == torch.float32
+    noise = torch.randn(48, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert bn_mismatch(model, images) < 0.7 * bn_mismatch(model, noise)
+    assert torch.equal(images, generate(model, spec.input_size, TINY))
+    other_seed = generate(model, spec.input_size, dataclasses.replace(TINY, seed=1))
+    assert not torch.equal(images, other_seed)
+
+
+def test_synthetic_images_are_read_back_from_the_cache(resnet20, monkeypatch):
+    model, spec = resnet20
+    config = dataclasses.replace(TINY, count=8, steps=2)
+    first = synthetic_images(model, spec.input_size, config)
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("regenerated instead of reading the cache")
+
+    monkeypatch.setattr("autodfp.synthetic.generate", no_generation)
+    assert torch.equal(first, synthetic_images(model, spec.input_size, config))
+    with pytest.raises(AssertionError):  # other weights: another cache entry
+        changed = copy.deepcopy(model)
+        changed.linear.bias.data += 1
+        synthetic_images(changed, spec.input_size, config)
+
+
+def test_synth_config_rejects_bad_counts():
+    with pytest.raises(AutoDFPError, match="count must be a positive integer"):
+        SynthConfig(count=0)
+    with pytest.raises(AutoDFPError, match="image count must be a positive integer"):
+        CalibrationConfig(count=-3)
+    with pytest.raises(AutoDFPError, match="unknown calibration key"):
+        CalibrationConfig.from_dict({"order": "refit", "bogus": 1})
+
+
+def test_ridge_fit_recovers_a_linear_map_and_pulls_toward_the_prior():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 12, generator=g, dtype=torch.float64)
+    w = torch.randn(4, 12, generator=g, dtype=torch.float64)
+    b = torch.randn(4, generator=g, dtype=torch.float64)
+    fitted, bias = ridge_fit(x, x @ w.T + b, torch.zeros_like(w), 0.0, intercept=True)
+    assert torch.allclose(fitted, w, atol=1e-9) and torch.allclose(bias, b, atol=1e-9)
+    prior = torch.randn(4, 12, generator=g, dtype=torch.float64)
+    pulled, _ = ridge_fit(x, x @ w.T + b, prior, 1e6, intercept=True)
+    assert torch.allclose(pulled, prior, atol=1e-3)
+
+
+def test_refit_recovers_most_of_the_accuracy_lost_to_pruning(resnet20, lossless):
+    base = load_base(uniform_strategy("resnet20", 1.0))
+    plain = apply_strategy(uniform_strategy("resnet20", 0.5), (copy.deepcopy(base[0]), base[1]))
+    calibrated_strategy = uniform_strategy("resnet20", 0.5)
+    calibrated_strategy.calibration = CALIB
+    calibrated = apply_strategy(calibrated_strategy, (copy.deepcopy(base[0]), base[1]))
+    assert len(calibrated.refitted) == 9  # every block's conv2
+    before = accuracy(plain.model, lossless, plain.spec)
+    after = accuracy(calibrated.model, lossless, calibrated.spec)
+    assert after > before + 10, (before, after)
+    # the coefficient is the refit's trust in the images: 0 stays near the closed form
+    timid = dataclasses.replace(calibrated_strategy, layers={
+        n: dataclasses.replace(a, coef=0.0) for n, a in calibrated_strategy.layers.items()})
+    near_closed_form = apply_strategy(timid, (copy.deepcopy(base[0]), base[1]))
+    middle = accuracy(near_closed_form.model, lossless, near_closed_form.spec)
+    assert before - 2 < middle < after - 2, (before, middle, after)
+
+
+def test_calibration_replays_bit_identically(resnet20):
+    strategy = uniform_strategy("resnet20", 0.6)
+    strategy.calibration = CALIB
+    a = apply_strategy(strategy).model.state_dict()
+    b = apply_strategy(type(strategy).from_dict(strategy.to_dict())).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bn_reestimation_is_the_cumulative_average_over_the_images(resnet20):
+    model = copy.deepcopy(resnet20[0])
+    images = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model.conv1(images).mean((0, 2, 3))
+    reestimate_batchnorm(model, images, batch_size=32)
+    assert torch.allclose(model.bn1.running_mean, expected, atol=1e-5)
+    assert not model.training and model.bn1.momentum == 0.1
+
+
+def test_refit_follows_chained_groups_and_linear_consumers():
+    """VGG: a conv that consumes one pruned group produces the next; the classifier is a
+    linear consumer. The refit must use only the kept outputs and bring the pruned network's
+    logits closer to the unpruned ones (random weights and images: shapes and maths only)."""
+    torch.manual_seed(0)
+    model, spec = build_model("vgg16_bn", pretrained=False)
+    images = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        reestimate_batchnorm(model, images)
+        reference = model(images)
+    strategy = uniform_strategy("vgg16_bn", 0.6)
+    plain = apply_strategy(strategy, (copy.deepcopy(model), spec)).model
+    strategy.calibration = dataclasses.replace(CALIB, count=64)
+    calibrator = Calibrator.for_model(model, spec, strategy.calibration, images=images)
+    refitted = apply_strategy(strategy, (copy.deepcopy(model), spec), calibrator=calibrator)
+    assert "classifier" in refitted.refitted and "features.3" in refitted.refitted
+    with torch.no_grad():
+        err_plain = (plain(images) - reference).pow(2).mean()
+        err_refit = (refitted.model(images) - reference).pow(2).mean()
+    assert err_refit < 0.1 * err_plain, (err_plain, err_refit)
+
+
+def test_real_unlabeled_images_calibrate_and_are_checked(tmp_path, resnet20, lossless):
+    train = reward_split(64, seed=3)
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=train.x)   # no labels: they are ignored anyway
+    strategy = uniform_strategy("resnet20", 0.5)
+    strategy.calibration = CalibrationConfig(images=str(data), count=64)
+    pruned = apply_strategy(strategy)
+    assert accuracy(pruned.model, lossless, pruned.spec) > 45
+    with pytest.raises(AutoDFPError, match="holds 64 images; calibration asks for 65"):
+        load_unlabeled(data, (3, 32, 32), count=65)
+    np.savez(tmp_path / "small.npz", x=train.x[:, :16, :16])
+    with pytest.raises(AutoDFPError, match="images are 16x16, the model takes 32x32"):
+        load_unlabeled(tmp_path / "small.npz", (3, 32, 32), count=8)
+    np.savez(tmp_path / "gray.npz", x=train.x[..., :1])
+    with pytest.raises(AutoDFPError, match=r"must be uint8 \(N,H,W,3\)"):
+        load_unlabeled(tmp_path / "gray.npz", (3, 32, 32), count=8)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AutoDFPError, match="holds no images"):
+        load_unlabeled(tmp_path / "empty", (3, 32, 32), count=8)
