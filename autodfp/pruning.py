@@ -84,15 +84,16 @@ def apply_strategy(strategy: Strategy, base: tuple[nn.Module, ModelSpec] | None 
         for consumer in group.consumers:
             ridges.setdefault(consumer, []).append(action.coef)
         graph.prune(name, keep)
-    refitted, start = [], time.perf_counter()
+    refitted, seconds = [], 0.0
     if strategy.calibration is not None:
+        start = time.perf_counter()
         refit = {name: ridge_for(strategy.calibration, sum(coefs) / len(coefs))
                  for name, coefs in ridges.items()}
         refitted = calibrator.calibrate(model, refit, kept_outputs)
+        seconds = time.perf_counter() - start
     return PrunedModel(model, spec, strategy,
                        {n: g.channels for n, g in graph.groups.items()}, compensated,
-                       {g.name: g.reason for g in graph.excluded}, refitted,
-                       time.perf_counter() - start)
+                       {g.name: g.reason for g in graph.excluded}, refitted, seconds)
 
 
 def prunable_groups(model_name: str, checkpoint: str | None = None) -> dict[str, int]:
