@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-prune test install bench bench-search clean
+.PHONY: demo demo-prune demo-calibrated test install bench bench-calibrated bench-synthetic bench-search clean
 
 install: $(STAMP)
 
@@ -29,11 +29,23 @@ demo-prune: $(STAMP)
 	$(BIN)/autodfp prune --strategy examples/resnet56-uniform-keep0.5.json \
 		--out out/demo-resnet56 --force
 
+# The shipped calibrated SAC strategy: ResNet-56 at <= 50 % of the MACs, rebuilt from the
+# weights alone (synthetic images are made on first use, about 3 minutes, then cached).
+demo-calibrated: $(STAMP)
+	$(BIN)/autodfp prune --strategy examples/resnet56-sac-calibrated-macs0.5.json \
+		--out out/demo-calibrated --force
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
 	$(BIN)/python bench/baselines.py
+
+bench-calibrated: $(STAMP)
+	$(BIN)/python bench/baselines.py --calibrated
+
+bench-synthetic: $(STAMP)
+	$(BIN)/python bench/synthetic.py
 
 bench-search: $(STAMP)
 	$(BIN)/python bench/search.py

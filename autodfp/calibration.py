@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from autodfp.errors import AutoDFPError
+from autodfp.settings import from_mapping
 from autodfp.synthetic import SynthConfig
 
 ORDERS = ("refit", "bn", "bn+refit", "refit+bn")
@@ -72,7 +73,8 @@ class CalibrationConfig:
             raise AutoDFPError(f"calibration image count must be a positive integer, "
                                f"got {self.count!r}")
         if isinstance(self.synth, dict):
-            object.__setattr__(self, "synth", SynthConfig(**self.synth))
+            object.__setattr__(self, "synth", from_mapping(SynthConfig, self.synth,
+                                                           "synthetic image"))
         if self.synth.count != self.count:
             object.__setattr__(self, "synth", dataclasses.replace(self.synth, count=self.count))
         if not isinstance(self.positions, int) or self.positions <= 0:
@@ -97,16 +99,7 @@ class CalibrationConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "CalibrationConfig":
-        if not isinstance(data, dict):
-            raise AutoDFPError("strategy calibration must be a mapping")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise AutoDFPError(f"unknown calibration key(s): {', '.join(unknown)}")
-        try:
-            return cls(**data)
-        except TypeError as exc:
-            raise AutoDFPError(f"malformed calibration: {exc}") from None
+        return from_mapping(cls, data, "calibration")
 
 
 def ridge_for(config: CalibrationConfig, coef: float) -> float:

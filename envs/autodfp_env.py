@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import gymnasium as gym
 import numpy as np
@@ -33,6 +33,7 @@ from autodfp.errors import AutoDFPError
 from autodfp.graph import ChannelGraph
 from autodfp.metrics import accuracy, model_cost
 from autodfp.pruning import apply_strategy, checkpoint_digest, load_base
+from autodfp.settings import from_mapping
 from autodfp.similarity import similarity_stats
 from autodfp.strategy import LayerAction, Strategy
 
@@ -69,12 +70,7 @@ class EnvConfig:
 
     @classmethod
     def from_dict(cls, env_config: dict | None) -> "EnvConfig":
-        env_config = dict(env_config or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(env_config) - known)
-        if unknown:
-            raise AutoDFPError(f"unknown env_config key(s): {', '.join(unknown)}")
-        config = cls(**env_config)
+        config = from_mapping(cls, dict(env_config or {}), "env_config")
         if not 0.0 < config.macs_budget <= 1.0:
             raise AutoDFPError(f"macs_budget must be in (0, 1], got {config.macs_budget}")
         if not 0.0 < config.keep_lower <= 1.0:

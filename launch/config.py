@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from autodfp.errors import AutoDFPError
+from autodfp.settings import from_mapping
 from envs.autodfp_env import EnvConfig
 
 PRESETS_DIR = Path(__file__).parent / "presets"
@@ -80,17 +81,7 @@ class SearchConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "SearchConfig":
-        if not isinstance(data, dict):
-            raise AutoDFPError("a search config must be a mapping of settings")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise AutoDFPError(f"unknown search config key(s): {', '.join(unknown)}; "
-                               f"known: {', '.join(sorted(known))}")
-        try:
-            return cls(**data)
-        except TypeError as exc:
-            raise AutoDFPError(f"bad search config: {exc}") from None
+        return from_mapping(cls, data, "search config")
 
     @classmethod
     def load(cls, path: str | Path) -> "SearchConfig":

@@ -163,10 +163,32 @@ def _fit(tuner) -> None:
 
 
 def _check_env_builds(cfg: SearchConfig):
-    """Build the env once in this process: a bad config fails here, in one line, not in Ray."""
+    """Build the env once in this process: a bad config fails here, in one line, not in Ray.
+    Synthetic calibration images are made here (with a progress bar), so that env runners on
+    this machine read them from the cache."""
     from envs.autodfp_env import AutoDFPEnv
 
-    return AutoDFPEnv({**cfg.env, "reward_size": min(cfg.env_config().reward_size, 10)})
+    env_config = cfg.env_config()
+    calibration = env_config.calibration_config()
+    if calibration is not None and calibration.images == "synthetic":
+        _prepare_synthetic_images(env_config, calibration)
+    return AutoDFPEnv({**cfg.env, "reward_size": min(env_config.reward_size, 10)})
+
+
+def _prepare_synthetic_images(env_config, calibration) -> None:
+    from autodfp.models import build_model
+    from autodfp.synthetic import cache_path, synthetic_images
+
+    model, spec = build_model(env_config.model, env_config.checkpoint)
+    if cache_path(model, spec.input_size, calibration.synth).is_file():
+        return
+    print(f"synthesising {calibration.count} calibration images for {env_config.model} "
+          f"({calibration.synth.steps} steps per batch; once, then cached)", file=sys.stderr,
+          flush=True)
+    start = time.monotonic()
+    synthetic_images(model, spec.input_size, calibration.synth, progress=True)
+    print(f"calibration images ready in {time.monotonic() - start:.0f} s", file=sys.stderr,
+          flush=True)
 
 
 def check_run_dir(run_dir: str | Path) -> Path:
