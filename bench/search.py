@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import shutil
 import sys
@@ -60,9 +61,11 @@ def best_so_far(env: AutoDFPEnv, episodes: list[dict], milestones: list[int]) ->
 
 
 def random_episodes(env: AutoDFPEnv, n: int, seed: int) -> list[dict]:
+    from tqdm import tqdm
+
     rng = np.random.default_rng(seed)
     episodes = []
-    for _ in range(n):
+    for _ in tqdm(range(n), desc="random search", unit="episode", mininterval=10):
         env.reset()
         done = False
         while not done:
@@ -71,6 +74,23 @@ def random_episodes(env: AutoDFPEnv, n: int, seed: int) -> list[dict]:
         episodes.append({"accuracy": reward, "keep": [v["keep"] for v in layers.values()],
                          "coef": [v["coef"] for v in layers.values()]})
     return episodes
+
+
+def load_or_run_random(env: AutoDFPEnv, n: int, path: Path | None) -> tuple[list[dict], float]:
+    """``n`` random-search episodes (seed 1) and the seconds they took, cached in ``path``."""
+    if path is not None and path.is_file():
+        saved = json.loads(path.read_text())
+        if saved["env"] == dataclasses.asdict(env.config) and len(saved["episodes"]) >= n:
+            return saved["episodes"][:n], saved["seconds"] * n / len(saved["episodes"])
+        print(f"{path} was made for another env or fewer episodes: running again",
+              file=sys.stderr)
+    start = time.perf_counter()
+    episodes = random_episodes(env, n, seed=1)
+    seconds = time.perf_counter() - start
+    if path is not None:
+        atomic_write_text(path, json.dumps({"env": dataclasses.asdict(env.config),
+                                            "episodes": episodes, "seconds": seconds}))
+    return episodes, seconds
 
 
 def throughput(runners: int, episodes: int, env_config: dict, storage: Path) -> dict:
@@ -109,10 +129,20 @@ def main() -> int:
                         help="the closed-form reward of earlier versions (no calibration)")
     parser.add_argument("--save-best", type=Path,
                         help="write SAC's best strategy (reward set) to this JSON file")
+    parser.add_argument("--random-file", type=Path,
+                        help="random-search episodes: read from this JSON file if it exists, "
+                             "else run them and write it (with --random-only: only that)")
+    parser.add_argument("--random-only", action="store_true",
+                        help="run the random search alone (--episodes of them) into --random-file")
     args = parser.parse_args()
     suffix = "-uncalibrated" if args.no_calibration else ""
     base_env = {**ENV, "reward_size": args.reward_size,
                 **({"calibration": None} if args.no_calibration else {})}
+    if args.random_only:
+        if not args.random_file:
+            parser.error("--random-only needs --random-file")
+        load_or_run_random(AutoDFPEnv(base_env), args.episodes, args.random_file)
+        return 0
     if args.throughput_only:
         speed = [throughput(int(r), args.throughput_episodes, base_env,
                             Path(tempfile.mkdtemp(prefix="autodfp-bench-")))
@@ -135,9 +165,7 @@ def main() -> int:
         n = len(sac)
         env = AutoDFPEnv(env_config)
         milestones = sorted({m for m in (10, 25, 50, 100, 200, 400, 800, n) if m <= n})
-        start = time.perf_counter()
-        rand = random_episodes(env, n, seed=1)
-        random_s = time.perf_counter() - start
+        rand, random_s = load_or_run_random(env, n, args.random_file)
         uniform = uniform_search(env)
         tests = [load_split("test-lossless"), load_split("test-jpeg")]
         known: dict[str, dict] = {}
