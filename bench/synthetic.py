@@ -1,6 +1,7 @@
 """Which synthetic-image settings calibrate best: the published refinements, one at a time.
 
     python bench/synthetic.py [--model resnet56] [--keeps 0.5,0.4] [--variants a,b] [--out bench/results]
+                              [--threads 2]
 
 For each variant of :class:`autodfp.synthetic.SynthConfig`: generation time, then uniform L1
 pruning at each keep ratio calibrated by the default refit on those images; accuracy on the
@@ -56,8 +57,9 @@ def main() -> int:
     parser.add_argument("--keeps", default="0.5,0.4")
     parser.add_argument("--variants", help="comma-separated variant names (default: all)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     keeps = [float(k) for k in args.keeps.split(",")]
     names = args.variants.split(",") if args.variants else list(VARIANTS)
     base = load_base(uniform_strategy(args.model, 1.0))
