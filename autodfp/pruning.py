@@ -64,6 +64,8 @@ def apply_strategy(strategy: Strategy, base: tuple[nn.Module, ModelSpec] | None 
     model, spec = base if base is not None else load_base(strategy)
     if strategy.calibration is not None and calibrator is None:
         calibrator = Calibrator.for_model(model, spec, strategy.calibration, progress=progress)
+    elif calibrator is not None and calibrator.config != strategy.calibration:
+        raise ValueError("the calibrator was made for another calibration than the strategy's")
     graph = ChannelGraph(model, spec.example_input())
     unknown = [name for name in strategy.layers if name not in graph.groups]
     if unknown:
