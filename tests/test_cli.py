@@ -16,7 +16,7 @@ def assert_one_line_error(result, fragment):
 def test_prune_writes_model_strategy_and_report_then_eval_reads_them(tmp_path):
     out = tmp_path / "r20"
     result = run_cli("prune", "--model", "resnet20", "--keep", "0.5", "--select", "l1",
-                     "--reconstruct", "neuron-merging", "--out", out)
+                     "--reconstruct", "neuron-merging", "--calib", "none", "--out", out)
     assert result.returncode == 0, result.stderr
     assert "top-1 test-lossless (1017) %" in result.stdout and "91.64" in result.stdout
     report = json.loads((out / "report.json").read_text())
