@@ -90,10 +90,6 @@ class CalibrationConfig:
     def refit(self) -> bool:
         return "refit" in self.order
 
-    @property
-    def bn(self) -> bool:
-        return "bn" in self.order
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -109,12 +105,13 @@ def ridge_for(config: CalibrationConfig, coef: float) -> float:
 
 
 def calibration_images(config: CalibrationConfig, model: nn.Module, spec, *,
-                       progress: bool = False) -> torch.Tensor:
-    """The normalised calibration images a config names (synthetic ones from the cache)."""
+                       progress: bool = False) -> tuple[torch.Tensor, CalibrationConfig]:
+    """The normalised calibration images a config names (synthetic ones from the cache), and
+    the config with the digest of user images recorded (checked against a recorded one)."""
     from autodfp.synthetic import synthetic_images
 
     if config.images == "synthetic":
-        return synthetic_images(model, spec.input_size, config.synth, progress=progress)
+        return synthetic_images(model, spec.input_size, config.synth, progress=progress), config
     from autodfp.data import load_unlabeled, to_tensor
 
     x = load_unlabeled(config.images, spec.input_size, count=config.count, seed=config.seed)
@@ -122,22 +119,7 @@ def calibration_images(config: CalibrationConfig, model: nn.Module, spec, *,
     if config.images_sha256 and digest != config.images_sha256:
         raise AutoDFPError(f"calibration images {config.images} differ from the ones this "
                            "strategy was made with (sha256 mismatch)")
-    return to_tensor(x, spec.mean, spec.std)
-
-
-def pin_images(config: CalibrationConfig, spec) -> CalibrationConfig:
-    """``config`` with the digest of its user images recorded (checked again on replay);
-    fails early, in one line, on missing, empty or wrong-size data. Synthetic: unchanged."""
-    from autodfp.data import load_unlabeled
-
-    if config.images == "synthetic":
-        return config
-    x = load_unlabeled(config.images, spec.input_size, count=config.count, seed=config.seed)
-    digest = images_digest(x)
-    if config.images_sha256 and config.images_sha256 != digest:
-        raise AutoDFPError(f"calibration images {config.images} differ from the ones this "
-                           "strategy was made with (sha256 mismatch)")
-    return dataclasses.replace(config, images_sha256=digest)
+    return to_tensor(x, spec.mean, spec.std), dataclasses.replace(config, images_sha256=digest)
 
 
 def images_digest(x: np.ndarray) -> str:
@@ -173,12 +155,14 @@ class Calibrator:
     @classmethod
     def for_model(cls, base_model: nn.Module, spec, config: CalibrationConfig, *,
                   images: torch.Tensor | None = None, progress: bool = False) -> "Calibrator":
-        """Every consumer of every prunable group of ``base_model`` (which is not modified)."""
+        """Every consumer of every prunable group of ``base_model`` (which is not modified).
+        Without ``images``, the config's images are loaded first (bad user data fails before
+        any other work) and ``self.config`` records their digest."""
         from autodfp.graph import ChannelGraph
 
         model = copy.deepcopy(base_model).eval()
         if images is None:
-            images = calibration_images(config, model, spec, progress=progress)
+            images, config = calibration_images(config, model, spec, progress=progress)
         graph = ChannelGraph(model, spec.example_input())
         names = {m: n for n, m in model.named_modules()}
         consumers, following = {}, {}

@@ -177,21 +177,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_prune(args) -> int:
-    from autodfp.calibration import pin_images
+    from autodfp.calibration import Calibrator
     from autodfp.pruning import apply_strategy, load_base
 
     strategy = _strategy_from_args(args)
     check_out(args.out, args.force)
     base = load_base(strategy)
-    if strategy.calibration is not None:
-        strategy.calibration = pin_images(strategy.calibration, base[1])
+    calibrator = None
+    if strategy.calibration is not None:  # bad user images fail here, before any output
+        calibrator = Calibrator.for_model(*base, strategy.calibration, progress=True)
+        strategy.calibration = calibrator.config
     calibration = (f"calibration={strategy.calibration.order} on {strategy.calibration.count} "
                    f"{'synthetic' if strategy.calibration.images == 'synthetic' else 'user'} "
                    "images" if strategy.calibration else "calibration=none")
     _say(f"pruning {strategy.model}: {len(strategy.layers)} group(s), select={strategy.select}, "
          f"reconstruct={strategy.reconstruct}, {calibration}")
     start = time.perf_counter()
-    pruned = apply_strategy(strategy, base, progress=True)
+    pruned = apply_strategy(strategy, base, calibrator=calibrator)
     _say(f"pruned and calibrated in {time.perf_counter() - start:.1f} s")
     write_pruned(pruned, args)
     return 0

@@ -18,7 +18,6 @@ from __future__ import annotations
 import io
 import os
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,14 +171,10 @@ def _decode_cifar_tar(tar_path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
 
 def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from autodfp.io import atomic_writer
+
+    with atomic_writer(path) as fh:
+        np.savez(fh, **arrays)
 
 
 def load_user_data(path: str | Path) -> ImageSet:

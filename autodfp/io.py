@@ -11,18 +11,26 @@ from pathlib import Path
 from autodfp.errors import AutoDFPError
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+@contextmanager
+def atomic_writer(path: Path, mode: str = "wb"):
+    """Yield a file in ``path``'s folder that replaces ``path`` only when the block succeeds."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
+        with os.fdopen(fd, mode) as fh:
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with atomic_writer(path, "w") as fh:
+        fh.write(text)
 
 
 @contextmanager

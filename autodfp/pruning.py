@@ -8,6 +8,7 @@ gives bit-identical weights.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,7 @@ def apply_strategy(strategy: Strategy, base: tuple[nn.Module, ModelSpec] | None 
     model, spec = base if base is not None else load_base(strategy)
     if strategy.calibration is not None and calibrator is None:
         calibrator = Calibrator.for_model(model, spec, strategy.calibration, progress=progress)
+        strategy = dataclasses.replace(strategy, calibration=calibrator.config)  # + image digest
     elif calibrator is not None and calibrator.config != strategy.calibration:
         raise ValueError("the calibrator was made for another calibration than the strategy's")
     graph = ChannelGraph(model, spec.example_input())

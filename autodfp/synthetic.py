@@ -18,7 +18,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 
 from autodfp.data import cache_dir
 from autodfp.errors import AutoDFPError
+from autodfp.io import atomic_writer
 
 LOSSES = ("norm", "squared")
 
@@ -115,7 +115,8 @@ def synthetic_images(model: nn.Module, input_size: tuple[int, ...], config: Synt
         path.unlink(missing_ok=True)
     images = generate(model, input_size, config, progress=progress)
     if use_cache:
-        _atomic_torch_save(images, path)
+        with atomic_writer(path) as fh:
+            torch.save(images, fh)
     return images
 
 
@@ -214,21 +215,6 @@ def _bn_loss(stats, form: str) -> torch.Tensor:
     return total / max(len(stats), 1)
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    import os
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def to_uint8(images: torch.Tensor, mean, std) -> np.ndarray:
     """Normalised NCHW float images -> uint8 NHWC RGB (for looking at them)."""
     m = torch.tensor(mean).view(1, -1, 1, 1)
@@ -254,9 +240,3 @@ def save_grid(images: torch.Tensor, mean, std, path: Path, *, columns: int = 16,
         picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
     path.parent.mkdir(parents=True, exist_ok=True)
     picture.save(path)
-
-
-def timed(fn, *args, **kwargs):
-    start = time.perf_counter()
-    result = fn(*args, **kwargs)
-    return result, time.perf_counter() - start

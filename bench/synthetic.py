@@ -26,7 +26,7 @@ from autodfp.data import load_split, reward_split, to_tensor
 from autodfp.io import atomic_write_text
 from autodfp.metrics import accuracy
 from autodfp.pruning import apply_strategy, load_base, uniform_strategy
-from autodfp.synthetic import SynthConfig, synthetic_images
+from autodfp.synthetic import synthetic_images
 
 BASE = DEFAULT_CALIBRATION.synth
 VARIANTS = {

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import gymnasium as gym
 import numpy as np
 
-from autodfp.calibration import Calibrator, CalibrationConfig, pin_images
+from autodfp.calibration import Calibrator, CalibrationConfig
 from autodfp.data import reward_split
 from autodfp.errors import AutoDFPError
 from autodfp.graph import ChannelGraph
@@ -118,9 +118,9 @@ class AutoDFPEnv(gym.Env):
         self._check_budget_reachable()
         self._calibrator = None
         if base_strategy.calibration is not None:
-            base_strategy.calibration = pin_images(base_strategy.calibration, self._spec)
             self._calibrator = Calibrator.for_model(self._base_model, self._spec,
                                                     base_strategy.calibration)
+            base_strategy.calibration = self._calibrator.config  # with the user images' digest
         self._cache: dict[str, float] = {}
         self.last_timing: dict = {}
         self.action_space = gym.spaces.Box(0.0, 1.0, shape=(2,), dtype=np.float32)
