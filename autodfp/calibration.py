@@ -3,12 +3,14 @@
 Two steps, both deterministic on the CPU and both part of the strategy (a replay repeats them):
 
 - **Refit** (default): every consumer of a pruned group (the conv or linear layer reading the
-  pruned channels) is refitted by ridge least squares so that, on the calibration images, its
-  output matches the *unpruned* model's output of the same layer. Inputs are the pruned
+  pruned channels) and the group's producer (its kept output channels) are refitted by ridge
+  least squares so that, on the calibration images, their outputs match the *unpruned* model's
+  outputs of the same layers. Inputs are the pruned
   model's own activations, in forward order, so each refit also absorbs the error of the layers
   before it (as AMC's, ThiNet's and ModHiFi's refits do with real data). It runs as one forward
   pass: a pre-forward hook on each consumer solves its least squares on the inputs arriving
-  there, writes the weights, and lets the pass go on through the refitted layer. Only sampled
+  there, writes the weights, and lets the pass go on through the refitted layer (a producer
+  is refitted before its consumers, which then read the corrected channels). Only sampled
   output positions enter the fit (``positions`` per image), and the unpruned targets are
   computed once per :class:`Calibrator` (an env computes them once, not per episode).
   The ridge pulls toward the consumer's current weights (after the closed-form compensation),
@@ -61,7 +63,11 @@ class CalibrationConfig:
     ridge_span: float = 6.0
     """Decades the ridge grows from coefficient 1 down to 0 (coef 0: ridge x 10^span)."""
     positions: int = 16
-    """Sampled output positions per image in a conv's refit."""
+    """Sampled output positions per image in a conv's refit (more when the images are too few
+    for :data:`MIN_ROWS_PER_INPUT`)."""
+    refit_producers: bool = True
+    """Also refit each pruned group's producer (its kept output channels), which corrects the
+    error arriving from earlier layers before the consumers read it. False: consumers only."""
     seed: int = 0
     """Seed of the sampled positions (and of the user-image subset)."""
 
@@ -142,20 +148,21 @@ class Calibrator:
     """Calibrates pruned copies of one base model; targets are computed once here."""
 
     def __init__(self, base_model: nn.Module, images: torch.Tensor, config: CalibrationConfig,
-                 consumers: dict[str, nn.Module | None], following_bn: dict[str, str | None]):
-        """``consumers``: name -> module of every layer that may be refitted (in the base
-        model); ``following_bn``: consumer name -> name of the BN right after it, if any."""
+                 layers: dict[str, nn.Module | None], following_bn: dict[str, str | None]):
+        """``layers``: name -> module of every layer that may be refitted (in the base
+        model); ``following_bn``: layer name -> name of the BN right after it, if any."""
         self.config = config
         self.images = images
         self.following_bn = following_bn
         self.targets: dict[str, _Target] = {}
         if config.refit:
-            self._compute_targets(base_model, consumers)
+            self._compute_targets(base_model, layers)
 
     @classmethod
     def for_model(cls, base_model: nn.Module, spec, config: CalibrationConfig, *,
                   images: torch.Tensor | None = None, progress: bool = False) -> "Calibrator":
-        """Every consumer of every prunable group of ``base_model`` (which is not modified).
+        """Every consumer (and, with ``refit_producers``, the producer) of every prunable group
+        of ``base_model`` (which is not modified).
         Without ``images``, the config's images are loaded first (bad user data fails before
         any other work) and ``self.config`` records their digest."""
         from autodfp.graph import ChannelGraph
@@ -165,21 +172,24 @@ class Calibrator:
             images, config = calibration_images(config, model, spec, progress=progress)
         graph = ChannelGraph(model, spec.example_input())
         names = {m: n for n, m in model.named_modules()}
-        consumers, following = {}, {}
+        layers, following = {}, {}
         for group in graph.groups.values():
+            if config.refit_producers:
+                layers[group.name] = group.producer
+                following[group.name] = names[group.bn] if group.bn is not None else None
             for name, module in group.consumers.items():
-                consumers[name] = module
+                layers[name] = module
                 bn = group.consumer_bn.get(name)
                 following[name] = names[bn] if bn is not None else None
-        return cls(model, images, config, consumers, following)
+        return cls(model, images, config, layers, following)
 
     # -- targets ------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _compute_targets(self, model: nn.Module, consumers: dict[str, nn.Module]) -> None:
+    def _compute_targets(self, model: nn.Module, layers: dict[str, nn.Module]) -> None:
         generator = torch.Generator().manual_seed(self.config.seed)
         handles = []
-        for name, module in consumers.items():
+        for name, module in layers.items():
             if not _refittable(module):
                 continue
             handles.append(module.register_forward_hook(self._target_hook(name, generator)))
@@ -200,7 +210,7 @@ class Calibrator:
         def hook(module, inputs, output):
             if output.dim() == 4:
                 n, _, h, w = output.shape
-                count = min(self.config.positions, h * w)
+                count = min(positions_per_image(self.config.positions, module, n), h * w)
                 # positions drawn without replacement per image, in a fixed order
                 flat = torch.stack([torch.randperm(h * w, generator=generator)[:count]
                                     for _ in range(n)])
@@ -219,9 +229,10 @@ class Calibrator:
                   kept_outputs: dict[str, list[int]] | None = None) -> list[str]:
         """Calibrate the pruned ``model`` in place.
 
-        ``refit``: consumer name -> relative ridge, for the consumers to refit;
-        ``kept_outputs``: for a consumer that is itself the producer of a pruned group, the
-        original indices of the output channels it kept. Returns the refitted layer names.
+        ``refit``: layer name -> relative ridge, for the layers to refit (those without a
+        target here are skipped); ``kept_outputs``: for a layer that is the producer of a pruned
+        group, the original indices of the output channels it kept. Returns the refitted layer
+        names in forward order.
         """
         done: list[str] = []
         for step in self.config.order.split("+"):
@@ -276,6 +287,18 @@ class Calibrator:
                 bn.running_var.copy_(var)
             done.append(name)
         return hook
+
+
+MIN_ROWS_PER_INPUT = 4
+"""A conv's refit samples at least this many rows per input feature (more positions per image
+when there are few images): with fewer, the least squares fits the sampled positions and not
+the layer (measured: 48 images x 16 positions for 576 inputs made the refit worse than none)."""
+
+
+def positions_per_image(positions: int, conv: nn.Module, images: int) -> int:
+    """Sampled output positions per image for ``conv``'s refit (before capping at H x W)."""
+    inputs = conv.weight[0].numel()
+    return max(positions, math.ceil(MIN_ROWS_PER_INPUT * inputs / images))
 
 
 def ridge_fit(x: torch.Tensor, y: torch.Tensor, w0: torch.Tensor, ridge: float,

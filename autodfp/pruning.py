@@ -85,8 +85,8 @@ def apply_strategy(strategy: Strategy, base: tuple[nn.Module, ModelSpec] | None 
         if reconstruct(strategy.reconstruct, group, keep, action.coef, strategy.options):
             compensated.append(name)
         kept_outputs[name] = sorted(keep.tolist())
-        for consumer in group.consumers:
-            ridges.setdefault(consumer, []).append(action.coef)
+        for layer in (name, *group.consumers):
+            ridges.setdefault(layer, []).append(action.coef)
         graph.prune(name, keep)
     refitted, seconds = [], 0.0
     if strategy.calibration is not None:

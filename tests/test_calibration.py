@@ -100,7 +100,6 @@ def test_refit_recovers_most_of_the_accuracy_lost_to_pruning(resnet20, lossless)
     calibrated_strategy = uniform_strategy("resnet20", 0.5)
     calibrated_strategy.calibration = CALIB
     calibrated = apply_strategy(calibrated_strategy, (copy.deepcopy(base[0]), base[1]))
-    assert len(calibrated.refitted) == 9  # every block's conv2
     before = accuracy(plain.model, lossless, plain.spec)
     after = accuracy(calibrated.model, lossless, calibrated.spec)
     assert after > before + 10, (before, after)
@@ -110,6 +109,40 @@ def test_refit_recovers_most_of_the_accuracy_lost_to_pruning(resnet20, lossless)
     near_closed_form = apply_strategy(timid, (copy.deepcopy(base[0]), base[1]))
     middle = accuracy(near_closed_form.model, lossless, near_closed_form.spec)
     assert before - 2 < middle < after - 2, (before, middle, after)
+
+
+def test_producer_refit_brings_kept_channels_back_toward_the_unpruned_ones(resnet20):
+    base = load_base(uniform_strategy("resnet20", 1.0))
+    strategy = uniform_strategy("resnet20", 0.5)
+    kept = {}
+
+    def output_of(model, layer, images):
+        out = {}
+        handle = model.get_submodule(layer).register_forward_hook(
+            lambda m, i, o: out.setdefault("y", o.detach()))
+        with torch.no_grad():
+            model(images)
+        handle.remove()
+        return out["y"]
+
+    errors = {}
+    for producers in (False, True):
+        strategy.calibration = dataclasses.replace(CALIB, refit_producers=producers)
+        calibrator = Calibrator.for_model(*base, strategy.calibration)
+        pruned = apply_strategy(strategy, (copy.deepcopy(base[0]), base[1]),
+                                calibrator=calibrator)
+        # with producers: every block's conv1 (kept outputs), then its conv2, in forward order
+        assert pruned.refitted[:2] == (["layer1.0.conv1", "layer1.0.conv2"] if producers
+                                       else ["layer1.0.conv2", "layer1.1.conv2"])
+        assert len(pruned.refitted) == (18 if producers else 9)
+        images = calibrator.images
+        unpruned = output_of(base[0], "layer3.2.bn1", images)
+        if not kept:  # the kept channels: the largest-L1 filters, as the strategy selects
+            from autodfp.selection import get_criterion
+            kept["idx"] = get_criterion("l1").select(base[0].layer3[2].conv1.weight, 32)
+        got = output_of(pruned.model, "layer3.2.bn1", images)
+        errors[producers] = float((got - unpruned[:, kept["idx"]]).pow(2).mean())
+    assert errors[True] < 0.75 * errors[False], errors
 
 
 def test_calibration_replays_bit_identically(resnet20):
