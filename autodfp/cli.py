@@ -165,6 +165,10 @@ def dispatch(parser, handlers: dict, argv: list[str] | None) -> int:
     except AutoDFPError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # disk full, permissions, vanished files: say which, no traceback
+        print(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "),
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted; nothing was written", file=sys.stderr)
         return 130
@@ -244,16 +248,19 @@ def _strategy_from_args(args):
 
 def check_out(out: Path, force: bool) -> None:
     """Fail before any work, not after minutes of evaluation."""
+    from autodfp.io import check_writable_folder
+
     if out.exists() and not out.is_dir():
         raise AutoDFPError(f"output path exists and is not a folder: {out}")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise AutoDFPError(f"output folder {out} is not empty; pass --force to replace it")
+    check_writable_folder(out)
 
 
 def cmd_eval(args) -> int:
     from autodfp.data import load_split, load_user_data
     from autodfp.export import load_pruned
-    from autodfp.metrics import latency_ms, model_cost
+    from autodfp.metrics import check_labelled_images, latency_ms, model_cost
     from autodfp.models import build_model
     from autodfp.report import REPORT_SPLITS, evaluate_splits
 
@@ -267,6 +274,8 @@ def cmd_eval(args) -> int:
         label = args.model
     splits = ([load_user_data(args.data)] if args.data
               else [load_split(name) for name in REPORT_SPLITS])
+    for split in splits:
+        check_labelled_images(split, model, spec)
     cost = model_cost(model, spec)
     print(f"{label}: {cost.macs / 1e6:.2f}M MACs, {cost.params / 1e3:.1f}K params")
     accuracies = evaluate_splits(model, spec, splits, progress=True)

@@ -33,6 +33,18 @@ def atomic_write_text(path: Path, text: str) -> None:
         fh.write(text)
 
 
+def check_writable_folder(out: Path) -> None:
+    """Raise one clear line unless a folder can be created atomically at ``out``: the same
+    check :func:`atomic_directory` needs, done before any long work."""
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".probe")).rmdir()
+    except OSError as exc:
+        raise AutoDFPError(f"cannot write the output folder {out}: "
+                           f"{exc.strerror or exc}") from None
+
+
 @contextmanager
 def atomic_directory(out: Path, *, overwrite: bool = False):
     """Yield a scratch folder that becomes ``out`` only when the block succeeds."""

@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from autodfp.data import ImageSet, to_tensor
+from autodfp.errors import AutoDFPError
 from autodfp.models import ModelSpec
 
 
@@ -41,6 +42,7 @@ def predict(model: nn.Module, images: ImageSet, spec: ModelSpec, *, batch_size: 
     """Predicted class of every image."""
     from tqdm import tqdm
 
+    check_input_size(images, spec)
     model = model.eval().to(device)
     predictions = []
     starts = range(0, len(images), batch_size)
@@ -53,7 +55,38 @@ def predict(model: nn.Module, images: ImageSet, spec: ModelSpec, *, batch_size: 
 
 def accuracy(model: nn.Module, images: ImageSet, spec: ModelSpec, **kwargs) -> float:
     """Top-1 accuracy in percent."""
+    check_labelled_images(images, model, spec)
     return float((predict(model, images, spec, **kwargs) == images.y).mean() * 100.0)
+
+
+def check_labelled_images(images: ImageSet, model: nn.Module, spec: ModelSpec) -> None:
+    """Raise one clear line unless ``images`` can give a true accuracy for ``model``."""
+    if len(images) == 0:
+        raise AutoDFPError(f"{images.name} holds no images: no accuracy to measure")
+    check_input_size(images, spec)
+    classes = _num_outputs(model, spec)
+    if images.y.min() < 0 or images.y.max() >= classes:
+        raise AutoDFPError(f"{images.name}: labels range over {images.y.min()}..{images.y.max()}"
+                           f" but {spec.name} has {classes} outputs (0..{classes - 1})")
+
+
+def check_input_size(images: ImageSet, spec: ModelSpec) -> None:
+    """Images must have the model's input size: a wrong size may still run (global pooling)
+    and give a silently wrong accuracy."""
+    channels, height, width = spec.input_size
+    if images.x.ndim != 4 or images.x.shape[1:] != (height, width, channels):
+        got = "x".join(str(d) for d in images.x.shape[1:])
+        raise AutoDFPError(f"{images.name}: images are {got} (HxWxC), {spec.name} takes "
+                           f"{height}x{width}x{channels}; resize them first")
+
+
+@torch.inference_mode()
+def _num_outputs(model: nn.Module, spec: ModelSpec) -> int:
+    device = next(model.parameters()).device
+    was_training = model.training
+    outputs = model.eval()(spec.example_input().to(device)).shape[1]
+    model.train(was_training)
+    return int(outputs)
 
 
 @torch.inference_mode()

@@ -7,10 +7,12 @@ event files and checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,6 +22,8 @@ from autodfp.errors import AutoDFPError
 from launch.config import SearchConfig
 
 SEARCH_FILE = "search.json"
+TUNE_STATE_FILE = "tuner.pkl"
+"""What Tune writes into a run folder when the search starts; `Tuner.restore` reads it."""
 
 
 def build_algorithm_config(cfg: SearchConfig, steps_per_episode: int, cpus_per_runner: float):
@@ -61,6 +65,49 @@ def build_algorithm_config(cfg: SearchConfig, steps_per_episode: int, cpus_per_r
     )
 
 
+JOIN_TIMEOUT_S = 15.0
+"""How long joining a cluster may take to answer a TCP connection before we give up."""
+
+
+def check_reachable(address: str, timeout_s: float = JOIN_TIMEOUT_S) -> None:
+    """Fail in one line when nothing answers at ``address`` (Ray itself retries for minutes).
+    ``auto`` (the cluster this machine belongs to) is left to Ray."""
+    import socket
+
+    if address == "auto":
+        return
+    host_port = address.split("://", 1)[-1].rsplit("/", 1)[0]
+    host, _, port = host_port.rpartition(":")
+    if not host or not port.isdigit():
+        raise AutoDFPError(f"--address must be host:port or ray://host:port, got {address!r}")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        why = (f"no answer in {timeout_s:.0f} s" if isinstance(exc, TimeoutError)
+               else (exc.strerror or str(exc)).lower())
+        raise AutoDFPError(f"cannot reach the Ray cluster at {address}: {why} (is `ray start "
+                           "--head` running there, and is the port open?)") from None
+
+
+@contextlib.contextmanager
+def _stderr_to_file():
+    """Send this process's stderr (file descriptor 2, which Ray's C++ core writes to) to a
+    temporary file for the duration of the block; yields a list that then holds its lines."""
+    sys.stderr.flush()
+    saved, lines = os.dup(2), []
+    with tempfile.TemporaryFile() as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            log.seek(0)
+            lines.extend(log.read().decode(errors="replace").strip().splitlines())
+
+
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     import ray
 
@@ -73,11 +120,16 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     kwargs = dict(log_to_driver=False, include_dashboard=False, logging_level="ERROR",
                   configure_logging=True)
     if address:
+        check_reachable(address)
         try:
-            ray.init(address=address, **kwargs)
+            with _stderr_to_file() as ray_log:  # Ray's core warns once a second while retrying
+                ray.init(address=address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as exc:
+            last = ray_log[-1:]
             raise AutoDFPError(f"cannot join the Ray cluster at {address}: "
-                               f"{str(exc).splitlines()[0]}") from None
+                               f"{str(exc).splitlines()[0]}"
+                               + (f" (Ray said: {last[0].split('] ', 1)[-1][:160]})"
+                                  if last else "")) from None
     else:
         ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kwargs)
 
@@ -118,6 +170,8 @@ def run_search(cfg: SearchConfig, address: str | None = None) -> Path:
     if run_dir.exists() and any(run_dir.iterdir()):
         raise AutoDFPError(f"run folder {run_dir} exists; `autodfp resume {run_dir}` continues "
                            "it, or pass another --name")
+    if address:
+        check_reachable(address)  # before minutes of data loading and image synthesis
     steps = len(_check_env_builds(cfg).group_names)
     init_ray(address)
     cpus = fit_resources(cfg, local=address is None)
@@ -143,13 +197,23 @@ def resume_search(run_dir: str | Path, address: str | None = None) -> Path:
     from launch.algorithm import AutoDFPSAC
 
     run_dir = check_run_dir(run_dir)
-    cfg = load_run_config(run_dir)
+    load_run_config(run_dir)  # a corrupt search.json fails here, in one line
+    if not (run_dir / TUNE_STATE_FILE).is_file():
+        raise AutoDFPError(f"{run_dir} has no Tune state ({TUNE_STATE_FILE}): the search never "
+                           "started or the folder was copied in part; start a new search")
     where = describe_latest_checkpoint(run_dir)
+    if address:
+        check_reachable(address)
     init_ray(address)
     print(f"resuming {run_dir.name}: latest checkpoint on disk is {where}; Tune resumes from "
           "the last one its experiment state recorded", file=sys.stderr)
-    tuner = tune.Tuner.restore(str(run_dir), trainable=AutoDFPSAC, resume_unfinished=True,
-                               resume_errored=True)
+    try:
+        tuner = tune.Tuner.restore(str(run_dir), trainable=AutoDFPSAC, resume_unfinished=True,
+                                   resume_errored=True)
+    except Exception as exc:  # Tune raises many types for a damaged experiment state
+        raise AutoDFPError(f"cannot restore the search in {run_dir}: its Tune state is damaged "
+                           f"({type(exc).__name__}: "
+                           f"{_first_line(exc)})") from None
     _fit(tuner)
     return run_dir
 
@@ -158,8 +222,20 @@ def _fit(tuner) -> None:
     result_grid = tuner.fit()
     errors = [r.error for r in result_grid if r.error is not None]
     if errors:
-        raise AutoDFPError(f"the search failed: {str(errors[0]).strip().splitlines()[-1]}")
+        raise AutoDFPError(f"the search failed: {_root_cause(errors[0])}")
     print(file=sys.stderr)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _root_cause(error: BaseException) -> str:
+    """The last line of a (remote) error, which names the original exception; Ray wraps an
+    env runner's error in several layers. An AutoDFPError from a worker keeps its text."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
 
 
 def _check_env_builds(cfg: SearchConfig):

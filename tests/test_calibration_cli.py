@@ -63,19 +63,6 @@ def test_synth_writes_images_a_grid_and_their_settings(tmp_path):
     assert torch.equal(images, torch.load(tmp_path / "synth2" / "images.pt", weights_only=True))
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (("--calib-images", "0"), "calibration image count must be at least 1"),
-    (("--calib-images", "many"), "calibration image count must be a whole number"),
-    (("--calib-data", "/nonexistent/images"), "calibration data not found"),
-    (("--calib", "none", "--calib-images", "8"), "--calib none takes no"),
-])
-def test_bad_calibration_flags_are_one_line(tmp_path, args, fragment):
-    out = tmp_path / "out"
-    result = run_cli("prune", "--model", "resnet20", "--keep", "0.5", *args, "--out", out)
-    assert_one_line_error(result, fragment)
-    assert not out.exists()
-
-
 def test_bad_calibration_data_is_one_line_and_writes_nothing(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

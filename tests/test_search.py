@@ -113,32 +113,6 @@ def test_report_draws_the_plots(killed_and_resumed):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def one_line_error(result, fragment):
-    assert result.returncode == 2, result.stderr[-2000:]
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and fragment in lines[0], result.stderr[-2000:]
-
-
-def test_search_bad_inputs_fail_in_one_line(tmp_path):
-    one_line_error(run_cli("search", tmp_path / "absent.yaml"), "search config not found")
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("episodes: 5\nlearning_rate: 3\n")
-    one_line_error(run_cli("search", bad), "unknown search config key(s): learning_rate")
-    bad.write_text("env: {model: resnet20, macs_budget: 0.02, reward_size: 20}\n")
-    one_line_error(run_cli("search", bad, "--storage", tmp_path / "runs"), "unreachable")
-    assert not (tmp_path / "runs").exists()
-    bad.write_text("env: {model: resnet20, flops: 0.5}\n")
-    one_line_error(run_cli("search", bad), "unknown env_config key(s): flops")
-
-
-def test_run_folder_errors(tmp_path):
-    one_line_error(run_cli("resume", tmp_path / "missing"), "run folder not found")
-    one_line_error(run_cli("export", tmp_path, "--out", tmp_path / "o"), "not an autodfp run folder")
-    one_line_error(run_cli("report", tmp_path), "not an autodfp run folder")
-    (tmp_path / "search.json").write_text("{broken")
-    one_line_error(run_cli("resume", tmp_path), "corrupt")
-
-
 def test_search_with_a_remote_env_runner(tmp_path):
     """Episodes from a remote runner arrive read-only; the reward copy must still work."""
     config = tmp_path / "remote.yaml"

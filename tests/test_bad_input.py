@@ -1,0 +1,214 @@
+"""The bad-input matrix, through the real CLI: each case must end with exactly one ``error:``
+line on stderr, exit status 2, no traceback, and nothing written.
+
+Cases run the CLI's ``main`` in this process (the console script calls the same function;
+a new Python per case would cost seconds of imports each); those that start Ray run the
+installed entry point in a subprocess."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from autodfp.models import get_spec
+from launch.cli import main
+from tests.conftest import run_cli
+
+PRUNE = ["prune", "--model", "resnet20", "--keep", "0.5"]
+
+
+def _checkpoint(name: str) -> Path:
+    return get_spec(name).default_checkpoint()
+
+
+def _truncated_checkpoint(tmp: Path) -> Path:
+    path = tmp / "in" / "truncated.th"
+    path.write_bytes(_checkpoint("resnet20").read_bytes()[:5000])
+    return path
+
+
+def _npz(tmp: Path, name: str, **arrays) -> Path:
+    path = tmp / "in" / name
+    np.savez(path, **arrays)
+    return path
+
+
+def _images(n: int, size: int, channels: int = 3) -> np.ndarray:
+    return np.zeros((n, size, size, channels), np.uint8)
+
+
+def _file(tmp: Path, name: str, text: str) -> Path:
+    path = tmp / "in" / name
+    path.write_text(text)
+    return path
+
+
+def _empty_folder(tmp: Path) -> Path:
+    path = tmp / "in" / "empty"
+    path.mkdir()
+    return path
+
+
+def _non_empty_out(tmp: Path) -> Path:
+    path = tmp / "in" / "full"
+    path.mkdir()
+    (path / "keep.txt").write_text("mine")
+    return path
+
+
+def _run_without_tune_state(tmp: Path) -> Path:
+    run = tmp / "in" / "run"
+    run.mkdir()
+    (run / "search.json").write_text(json.dumps({"name": "run", "env": {"model": "resnet20"}}))
+    return run
+
+
+def _corrupt_run(tmp: Path) -> Path:
+    run = tmp / "in" / "run"
+    run.mkdir()
+    (run / "search.json").write_text("{broken")
+    return run
+
+
+def _config(tmp: Path, text: str) -> Path:
+    return _file(tmp, "search.yaml", text)
+
+
+OUT = "{out}"
+"""Stands for the output folder the case must not create."""
+
+# name -> (arguments, made from the case's scratch folder; a fragment of the error line;
+#          extra environment)
+CASES = {
+    "unknown model": (lambda t: ["prune", "--model", "resnet57", "--keep", "0.5", "--out", OUT],
+                      "unknown model 'resnet57'", None),
+    "keep 0": (lambda t: [*PRUNE[:3], "--keep", "0", "--out", OUT],
+               "keep ratio must be in (0, 1]", None),
+    "keep is text": (lambda t: [*PRUNE[:3], "--keep", "half", "--out", OUT],
+                     "not a number: 'half'", None),
+    "keep above 1": (lambda t: [*PRUNE[:3], "--keep", "1.5", "--out", OUT],
+                     "keep ratio must be in (0, 1]", None),
+    "no weights ship": (lambda t: ["prune", "--model", "vgg16_bn", "--keep", "0.5", "--out", OUT],
+                        "no pretrained weights ship", None),
+    "keep without model": (lambda t: ["prune", "--keep", "0.5", "--out", OUT],
+                           "give --model and --keep", None),
+    "mismatched checkpoint": (lambda t: [*PRUNE, "--checkpoint", _checkpoint("resnet32"),
+                                         "--out", OUT],
+                              "unexpected key 'layer1.3.conv1.weight'", None),
+    "truncated checkpoint": (lambda t: [*PRUNE, "--checkpoint", _truncated_checkpoint(t),
+                                        "--out", OUT], "cannot load checkpoint", None),
+    "missing checkpoint": (lambda t: [*PRUNE, "--checkpoint", t / "in" / "none.th", "--out", OUT],
+                           "checkpoint not found", None),
+    "missing strategy": (lambda t: ["prune", "--strategy", t / "in" / "none.json", "--out", OUT],
+                         "strategy file not found", None),
+    "malformed strategy": (lambda t: ["prune", "--strategy", _file(t, "s.json", "{not json"),
+                                      "--out", OUT], "cannot read strategy", None),
+    "not a strategy": (lambda t: ["prune", "--strategy", _file(t, "s.json", '{"a": 1}'),
+                                  "--out", OUT], "not an AutoDFP strategy", None),
+    "strategy and keep": (lambda t: ["prune", "--strategy", _file(t, "s.json", "{}"), "--keep",
+                                     "0.5", "--out", OUT], "either --keep or --strategy", None),
+    "missing factory": (lambda t: ["prune", "--model", "tests.user_models:nothing_here", "--keep",
+                                   "0.5", "--out", OUT], "cannot import model factory", None),
+    "unwritable output": (lambda t: [*PRUNE, "--out", "/proc/autodfp-out"],
+                          "cannot write the output folder /proc/autodfp-out", None),
+    "non-empty output": (lambda t: [*PRUNE, "--out", _non_empty_out(t)], "not empty", None),
+    "missing shared folder": (lambda t: [*PRUNE, "--out", OUT], "shared data folder not found",
+                              {"AUTODFP_SHARED": "/nonexistent/shared"}),
+    "calibration count 0": (lambda t: [*PRUNE, "--calib-images", "0", "--out", OUT],
+                            "calibration image count must be at least 1", None),
+    "calibration flags with none": (lambda t: [*PRUNE, "--calib", "none", "--calib-images", "8",
+                                               "--out", OUT], "--calib none takes no", None),
+    "missing calibration data": (lambda t: [*PRUNE, "--calib-data", t / "in" / "none",
+                                            "--out", OUT], "calibration data not found", None),
+    "empty calibration data": (lambda t: [*PRUNE, "--calib-data", _empty_folder(t),
+                                          "--out", OUT], "holds no images", None),
+    "wrong-size calibration data": (lambda t: [*PRUNE, "--calib-data",
+                                               _npz(t, "c.npz", x=_images(300, 16)), "--out", OUT],
+                                    "images are 16x16, the model takes 32x32", None),
+    "missing eval data": (lambda t: ["eval", "--model", "resnet20", "--data", t / "in" / "x.npz"],
+                          "data path not found", None),
+    "empty eval data": (lambda t: ["eval", "--model", "resnet20", "--data", _empty_folder(t)],
+                        "has no class sub-folders", None),
+    "wrong-size eval data": (lambda t: ["eval", "--model", "resnet20", "--data",
+                                        _npz(t, "e.npz", x=_images(10, 8),
+                                             y=np.zeros(10, np.int64))],
+                             "images are 8x8x3 (HxWxC), resnet20 takes 32x32x3", None),
+    "eval labels out of range": (lambda t: ["eval", "--model", "resnet20", "--data",
+                                            _npz(t, "e.npz", x=_images(10, 32),
+                                                 y=np.full(10, 12, np.int64))],
+                                 "labels range over 12..12 but resnet20 has 10 outputs", None),
+    "missing search config": (lambda t: ["search", t / "in" / "none.yaml", "--storage", OUT],
+                              "search config not found", None),
+    "malformed search config": (lambda t: ["search", _config(t, "env: [unclosed\n"),
+                                           "--storage", OUT], "cannot read search config", None),
+    "unknown search key": (lambda t: ["search", _config(t, "episodes: 5\nlearning_rate: 3\n"),
+                                      "--storage", OUT],
+                           "unknown search config key(s): learning_rate", None),
+    "unknown env key": (lambda t: ["search", _config(t, "env: {model: resnet20, flops: 0.5}\n"),
+                                   "--storage", OUT], "unknown env_config key(s): flops", None),
+    "out-of-range search value": (lambda t: ["search", _config(t, "episodes: -5\n"),
+                                             "--storage", OUT], "episodes must be", None),
+    "unreachable budget": (lambda t: ["search", _config(
+        t, "env: {model: resnet20, macs_budget: 0.02, reward_size: 20, calibration: null}\n"),
+        "--storage", OUT], "unreachable", None),
+    "unreachable address": (lambda t: ["search", "resnet20-quick", "--address", "127.0.0.1:1",
+                                       "--storage", OUT],
+                            "cannot reach the Ray cluster at 127.0.0.1:1", None),
+    "malformed address": (lambda t: ["search", "resnet20-quick", "--address", "somewhere",
+                                     "--storage", OUT], "--address must be host:port", None),
+    "GPUs that do not exist (subprocess)": (lambda t: ["search", _config(
+        t, "num_env_runners: 1\ngpus_per_env_runner: 1\n"
+           "env: {model: resnet20, reward_size: 20, calibration: null}\n"),
+        "--storage", OUT], "GPUs; the cluster has 0", None),
+    "resume: not a run folder": (lambda t: ["resume", _empty_folder(t)],
+                                 "not an autodfp run folder", None),
+    "resume: missing run folder": (lambda t: ["resume", t / "in" / "none"],
+                                   "run folder not found", None),
+    "resume: corrupt run folder": (lambda t: ["resume", _corrupt_run(t)], "corrupt", None),
+    "resume: no Tune state": (lambda t: ["resume", _run_without_tune_state(t)],
+                              "has no Tune state (tuner.pkl)", None),
+    "export without a run": (lambda t: ["export", _empty_folder(t), "--out", OUT],
+                             "not an autodfp run folder", None),
+    "report without a run": (lambda t: ["report", _empty_folder(t)],
+                             "not an autodfp run folder", None),
+    "eval of a missing folder": (lambda t: ["eval", t / "in" / "none"],
+                                 "pruned model not found", None),
+}
+
+
+def _tree(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def _run(case: str, args: list, env: dict | None, monkeypatch, capfd) -> tuple[int, str, str]:
+    if "(subprocess)" in case:
+        result = run_cli(*args, env=env)
+        return result.returncode, result.stdout, result.stderr
+    for key, value in (env or {}).items():
+        monkeypatch.setenv(key, value)
+    capfd.readouterr()
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exc:  # argparse's usage errors
+        code = exc.code
+    out, err = capfd.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_gives_one_error_line_and_writes_nothing(tmp_path, case, monkeypatch, capfd):
+    make_args, fragment, env = CASES[case]
+    (tmp_path / "in").mkdir()
+    out = tmp_path / "out"
+    args = [out if a == OUT else a for a in make_args(tmp_path)]
+    before = _tree(tmp_path)
+    code, stdout, stderr = _run(case, args, env, monkeypatch, capfd)
+    assert code == 2, (code, stderr[-2000:])
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), stderr[-2000:]
+    assert fragment in lines[0], lines[0]
+    assert "Traceback" not in stderr + stdout
+    assert _tree(tmp_path) == before, "something was written"
