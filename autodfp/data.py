@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,8 +59,8 @@ def shared_dir() -> Path:
     path = Path(env) if env else Path(__file__).resolve().parents[2] / "shared"
     if not path.is_dir():
         raise AutoDFPError(
-            f"shared data folder not found at {path}; put the project's ../shared there "
-            "or set AUTODFP_SHARED")
+            f"shared data folder not found at {path} on host {socket.gethostname()}; put the "
+            "project's ../shared there or set AUTODFP_SHARED (on every node of a cluster)")
     return path
 
 
@@ -75,7 +76,7 @@ def cache_dir() -> Path:
 
 def _require(path: Path, what: str) -> Path:
     if not path.exists():
-        raise AutoDFPError(f"{what} not found: {path}")
+        raise AutoDFPError(f"{what} not found: {path} (on host {socket.gethostname()})")
     return path
 
 
@@ -193,32 +194,56 @@ def load_user_data(path: str | Path) -> ImageSet:
 
 
 def _load_npz(path: Path) -> ImageSet:
-    try:
-        with np.load(path) as data:
-            if "x" not in data or "y" not in data:
-                raise AutoDFPError(f"{path} must hold arrays 'x' and 'y'")
-            x, y = data["x"], data["y"].astype(np.int64)
-    except (OSError, ValueError) as exc:
-        raise AutoDFPError(f"cannot read {path}: {exc}") from None
+    x, y = _npz_arrays(path, ("x", "y"))
     if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != np.uint8:
         raise AutoDFPError(f"{path}: 'x' must be uint8 (N,H,W,3), got {x.dtype} {x.shape}")
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise AutoDFPError(f"{path}: 'y' must be integer class labels (N,), got {y.dtype} "
+                           f"{y.shape}")
+    y = y.astype(np.int64)
     if len(x) != len(y):
         raise AutoDFPError(f"{path}: {len(x)} images but {len(y)} labels")
     return ImageSet(path.stem, x, y)
 
 
-def _load_image_folder(root: Path) -> ImageSet:
+def _npz_arrays(path: Path, names: tuple[str, ...]) -> tuple[np.ndarray, ...]:
+    """The named arrays of an ``.npz`` (no pickles), or one clear error."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if not hasattr(data, "files"):
+                raise AutoDFPError(f"{path} is a single array, not an .npz archive")
+            missing = [n for n in names if n not in data.files]
+            if missing:
+                raise AutoDFPError(f"{path} must hold array(s) {', '.join(map(repr, names))}; "
+                                   f"it has {', '.join(map(repr, data.files)) or 'none'}")
+            return tuple(np.asarray(data[n]) for n in names)
+    except AutoDFPError:
+        raise
+    except Exception as exc:  # numpy and zipfile raise many types for a damaged file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AutoDFPError(f"cannot read {path}: {first}") from None
+
+
+def _read_rgb(file: Path) -> np.ndarray:
+    """One image file as uint8 HxWx3; a file that is not a readable image is one clear error."""
     from PIL import Image
 
+    try:
+        with Image.open(file) as img:
+            return np.asarray(img.convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:  # incl. Unidentified
+        raise AutoDFPError(f"cannot read image {file}: {exc}") from None
+
+
+def _load_image_folder(root: Path) -> ImageSet:
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not classes:
         raise AutoDFPError(f"{root} has no class sub-folders")
     images, labels = [], []
     for label, cls in enumerate(classes):
         for file in sorted((root / cls).iterdir()):
-            if file.suffix.lower() in IMAGE_SUFFIXES:
-                with Image.open(file) as img:
-                    images.append(np.asarray(img.convert("RGB")))
+            if file.is_file() and file.suffix.lower() in IMAGE_SUFFIXES:
+                images.append(_read_rgb(file))
                 labels.append(label)
     if not images:
         raise AutoDFPError(f"{root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
@@ -247,13 +272,7 @@ def load_unlabeled(path: str | Path, input_size: tuple[int, int, int], *, count:
     if not path.exists():
         raise AutoDFPError(f"calibration data not found: {path}")
     if path.suffix == ".npz":
-        try:
-            with np.load(path) as data:
-                if "x" not in data:
-                    raise AutoDFPError(f"{path} must hold an array 'x' of images")
-                x = data["x"]
-        except (OSError, ValueError) as exc:
-            raise AutoDFPError(f"cannot read {path}: {exc}") from None
+        (x,) = _npz_arrays(path, ("x",))
     elif path.is_dir():
         x = _load_unlabeled_folder(path)
     else:
@@ -274,18 +293,10 @@ def load_unlabeled(path: str | Path, input_size: tuple[int, int, int], *, count:
 
 
 def _load_unlabeled_folder(root: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
     files = sorted(f for f in root.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise AutoDFPError(f"{root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    images = []
-    for file in files:
-        try:
-            with Image.open(file) as img:
-                images.append(np.asarray(img.convert("RGB")))
-        except (OSError, UnidentifiedImageError) as exc:
-            raise AutoDFPError(f"cannot read image {file}: {exc}") from None
+    images = [_read_rgb(file) for file in files]
     if len({im.shape for im in images}) != 1:
         raise AutoDFPError(f"{root}: images differ in size; resize them to the model's input "
                            "size first")

@@ -54,7 +54,9 @@ def atomic_directory(out: Path, *, overwrite: bool = False):
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise AutoDFPError(f"output folder {out} is not empty; pass --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    _remove_stale_scratch(out)
+    scratch = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.{os.getpid()}.",
+                                    suffix=".tmp"))
     try:
         yield scratch
         if out.exists():
@@ -67,3 +69,22 @@ def atomic_directory(out: Path, *, overwrite: bool = False):
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
+
+
+def _remove_stale_scratch(out: Path) -> None:
+    """Scratch folders for ``out`` left by a process that was killed (kill -9, power loss):
+    their name holds the writer's pid; a folder whose writer is gone is removed."""
+    for scratch in out.parent.glob(f".{out.name}.*.tmp"):
+        pid = scratch.name[len(out.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)) and scratch.is_dir():
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -302,27 +303,52 @@ def describe_latest_checkpoint(run_dir: Path) -> str:
 
 
 def load_best(run_dir: str | Path) -> dict:
+    """The best episode a run recorded: accuracy, macs_ratio and its strategy."""
     run_dir = check_run_dir(run_dir)
     path = trial_dir(run_dir) / "best.json"
     if not path.is_file():
         raise AutoDFPError(f"{run_dir} has no best strategy yet (no episode finished)")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        best = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AutoDFPError(f"corrupt {path}: {exc}") from None
+    if not (isinstance(best, dict) and isinstance(best.get("strategy"), dict)
+            and _is_number(best.get("accuracy")) and _is_number(best.get("macs_ratio"))):
+        raise AutoDFPError(f"corrupt {path}: expected accuracy, macs_ratio and strategy")
+    return best
 
 
 def load_episodes(run_dir: Path) -> list[dict]:
+    """Every complete episode record of a run, in order; torn or garbled lines (a killed
+    driver, a damaged disk) are skipped."""
     path = trial_dir(run_dir) / "episodes.jsonl"
     if not path.is_file():
         return []
     episodes = []
-    for line in path.read_text().splitlines():
+    for line in path.read_bytes().decode(errors="replace").splitlines():
         try:
-            episodes.append(json.loads(line))
+            episode = json.loads(line)
         except json.JSONDecodeError:
-            continue  # a torn last line from a killed driver
+            continue
+        if _is_episode(episode):
+            episodes.append(episode)
     return episodes
+
+
+EPISODE_LISTS = ("keep", "coef")
+
+
+def _is_episode(record) -> bool:
+    return (isinstance(record, dict)
+            and all(_is_number(record.get(k)) for k in ("accuracy", "macs_ratio", "time"))
+            and all(isinstance(record.get(k), list) and all(map(_is_number, record[k]))
+                    for k in EPISODE_LISTS)
+            and isinstance(record.get("timing", {}), dict))
+
+
+def _is_number(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
 
 
 class ProgressLine(Callback):
