@@ -1,14 +1,9 @@
 import json
-import random
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
-from tests.conftest import ROOT, run_cli
+from tests.conftest import assert_complete_model_folder, kill_at_random_moments, run_cli
 
 
 def assert_one_line_error(result, fragment):
@@ -61,39 +56,14 @@ def test_models_lists_the_zoo():
     assert "mobilenetv2" in result.stdout and "none ship" in result.stdout
 
 
-def _complete_model_folder(out):
-    from autodfp.export import load_pruned
-
-    assert sorted(p.name for p in out.iterdir()) == ["model.pt", "model.ts", "report.json",
-                                                     "strategy.json"]
-    load_pruned(out)
-    json.loads((out / "report.json").read_text())
-
-
 def test_prune_killed_at_any_moment_leaves_no_folder_or_a_complete_one(tmp_path):
     """kill -9 at moments spread over a prune's life: --out is absent or complete, and a
     scratch folder left behind is cleaned by the next run."""
-    args = [sys.executable, "-m", "launch.cli", "prune", "--model", "resnet20", "--keep", "0.5",
-            "--calib", "none", "--no-eval", "--no-onnx"]
-    start = time.monotonic()
-    done = subprocess.run([*args, "--out", tmp_path / "whole"], cwd=ROOT, capture_output=True)
-    assert done.returncode == 0, done.stderr
-    life = time.monotonic() - start
-    outcomes = []
-    for i, fraction in enumerate(random.Random(0).sample(range(30, 100), 3)):
-        out = tmp_path / f"out{i}"
-        process = subprocess.Popen([*args, "--out", out], cwd=ROOT, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL)
-        time.sleep(life * fraction / 100)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-        if out.exists():
-            _complete_model_folder(out)
-        outcomes.append(out.exists())
-    assert outcomes.count(False) >= 1, "every kill came too late to test anything"
+    args = ["prune", "--model", "resnet20", "--keep", "0.5", "--calib", "none", "--no-eval",
+            "--no-onnx"]
+    kill_at_random_moments(args, tmp_path)
     leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".")]
-    again = subprocess.run([*args, "--out", tmp_path / "out0", "--force"], cwd=ROOT,
-                           capture_output=True)
+    again = run_cli(*args, "--out", tmp_path / "out0", "--force")
     assert again.returncode == 0, again.stderr
-    _complete_model_folder(tmp_path / "out0")
+    assert_complete_model_folder(tmp_path / "out0")
     assert not [p for p in tmp_path.glob(".out0.*") if p in leftovers]

@@ -11,7 +11,9 @@ from autodfp.strategy import Strategy
 from envs.autodfp_env import AutoDFPEnv
 
 CONFIG = {"model": "resnet20", "reward_size": 100, "macs_budget": 0.6, "keep_lower": 0.25,
-          "calibration": {"count": 48, "synth": {"batch_size": 48, "steps": 12}}}
+          "calibration": {"count": 64, "synth": {"batch_size": 64, "steps": 30}}}
+# 64 images x 30 steps: with 48 x 12 the images are too crude for the producer refit to beat
+# the closed form on ResNet-20 (reward 0.35 vs 0.36 uncalibrated; 64 x 30: 0.50)
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +102,7 @@ def test_calibrated_episodes_time_the_calibration_and_the_coefficient_matters(en
     rewards = {}
     for coef in (0.0, 1.0):
         reward, info = run_episode(env, np.tile([0.5, coef], (9, 1)))
-        assert info["timing"]["calibrate_s"] > 0 and info["strategy"]["calibration"]["count"] == 48
+        assert info["timing"]["calibrate_s"] > 0 and info["strategy"]["calibration"]["count"] == 64
         rewards[coef] = reward
     assert rewards[1.0] != rewards[0.0]
     uncalibrated = AutoDFPEnv({**CONFIG, "calibration": None})

@@ -14,7 +14,7 @@ import pytest
 from autodfp.data import reward_split
 from autodfp.export import load_pruned
 from autodfp.metrics import accuracy
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, kill_at_random_moments, run_cli
 
 CONFIG = """
 name: tiny
@@ -102,6 +102,12 @@ def test_exported_best_matches_its_episode_reward(killed_and_resumed, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["search"]["reward_accuracy"] == best["accuracy"]
     assert report["ratios"]["macs"] <= 0.6 + 2e-3
+
+
+def test_export_killed_at_any_moment_leaves_no_folder_or_a_complete_one(killed_and_resumed,
+                                                                       tmp_path):
+    run_dir, _, _ = killed_and_resumed
+    kill_at_random_moments(["export", run_dir, "--no-onnx"], tmp_path)
 
 
 def test_report_draws_the_plots(killed_and_resumed):
