@@ -31,14 +31,15 @@ def _fraction(what: str, zero_allowed: bool):
     return parse
 
 
-def _positive_int(what: str):
+def whole_number(what: str, minimum: int = 1):
+    """argparse type: a whole number >= ``minimum``, or one clear line."""
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{what} must be a whole number, got {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{what} must be at least 1, got {value}")
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{what} must be at least {minimum}, got {value}")
         return value
     return parse
 
@@ -76,18 +77,16 @@ def add_core_commands(sub) -> dict:
                             "var = running_var as in the official code")
     add_calibration_arguments(prune)
     add_output_arguments(prune)
-    prune.add_argument("--no-eval", action="store_true",
-                       help="report cost only: no dataset is read (the weights alone suffice)")
 
     synth = sub.add_parser("synth", help="synthesise calibration images from a model's BN "
                                          "statistics (cached) and write them with a PNG grid")
     synth.add_argument("--model", required=True)
     synth.add_argument("--checkpoint")
-    synth.add_argument("--count", type=_positive_int("image count"), default=None,
+    synth.add_argument("--count", type=whole_number("image count"), default=None,
                        help=f"images (default {SynthConfig.count})")
-    synth.add_argument("--steps", type=_positive_int("steps"), default=None,
+    synth.add_argument("--steps", type=whole_number("steps"), default=None,
                        help=f"Adam steps per batch (default {SynthConfig.steps})")
-    synth.add_argument("--batch-size", type=_positive_int("batch size"), default=None,
+    synth.add_argument("--batch-size", type=whole_number("batch size"), default=None,
                        help=f"images optimised together (default {SynthConfig.batch_size})")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--out", type=Path, required=True, help="output folder (atomic)")
@@ -108,13 +107,13 @@ def add_calibration_arguments(parser) -> None:
     parser.add_argument("--calib", choices=(*ORDERS, "none"), default=None,
                         help=f"calibration after pruning (default {DEFAULT_CALIBRATION.order}); "
                              "none: the closed-form compensation alone")
-    parser.add_argument("--calib-images", type=_positive_int("calibration image count"),
+    parser.add_argument("--calib-images", type=whole_number("calibration image count"),
                         default=None, help=f"calibration images (default "
                                            f"{DEFAULT_CALIBRATION.count})")
     parser.add_argument("--calib-data", type=Path, default=None,
                         help="real unlabeled images instead of synthetic ones: an ImageFolder "
                              "tree, a folder of images or an .npz with x (labels ignored)")
-    parser.add_argument("--synth-steps", type=_positive_int("synthesis steps"), default=None,
+    parser.add_argument("--synth-steps", type=whole_number("synthesis steps"), default=None,
                         help=f"Adam steps per batch of synthetic images (default "
                              f"{DEFAULT_CALIBRATION.synth.steps})")
 
@@ -156,6 +155,9 @@ def add_output_arguments(parser) -> None:
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
     parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
     parser.add_argument("--latency", action="store_true", help="also time batch 1 and 256")
+    parser.add_argument("--no-eval", action="store_true",
+                        help="report cost only: no test image is read (the weights alone "
+                             "suffice)")
 
 
 def dispatch(parser, handlers: dict, argv: list[str] | None) -> int:
@@ -208,7 +210,7 @@ def write_pruned(pruned, args, extra_report: dict | None = None) -> dict:
     from autodfp.export import write_model_folder
     from autodfp.report import build_report, format_report
 
-    splits = [] if getattr(args, "no_eval", False) else None
+    splits = [] if args.no_eval else None
     report = {**build_report(pruned, splits, latency=args.latency, progress=True),
               **(extra_report or {})}
     report = write_model_folder(pruned, report, args.out, overwrite=args.force,

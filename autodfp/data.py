@@ -95,16 +95,36 @@ def load_split(name: str, *, reward_size: int = 5000, seed: int = 0) -> ImageSet
 
 def reward_split(size: int = 5000, seed: int = 0) -> ImageSet:
     """A class-stratified random subset of the training images, fixed by ``seed``."""
+    return _stratified_train(size, seed, after=0, name=f"reward-{size}-seed{seed}")
+
+
+def validation_split(size: int, reward_size: int, seed: int = 0) -> ImageSet:
+    """Class-stratified training images disjoint from ``reward_split(reward_size, seed)``:
+    the next ``size`` images of the same per-class permutations. For choosing among a search's
+    best candidates without the reward set's selection bias (and without test images)."""
+    return _stratified_train(size, seed, after=reward_size,
+                             name=f"validation-{size}-after-reward-{reward_size}-seed{seed}")
+
+
+def _stratified_train(size: int, seed: int, *, after: int, name: str) -> ImageSet:
     train = _jpeg_train()
-    if not 0 < size <= len(train):
-        raise AutoDFPError(f"reward set size must be in 1..{len(train)}, got {size}")
+    if not 0 < size <= len(train) - after:
+        raise AutoDFPError(f"{name.split('-')[0]} set size must be in 1..{len(train) - after}, "
+                           f"got {size}")
     rng = np.random.default_rng(seed)
     classes = np.unique(train.y)
     per_class = [rng.permutation(np.flatnonzero(train.y == c)) for c in classes]
-    base, extra = divmod(size, len(classes))
-    picks = [idx[: base + (i < extra)] for i, idx in enumerate(per_class)]
+
+    def counts(n: int) -> list[int]:
+        base, extra = divmod(n, len(classes))
+        return [base + (i < extra) for i in range(len(classes))]
+
+    skip, take = counts(after), counts(size)
+    picks = [idx[s:s + t] for idx, s, t in zip(per_class, skip, take)]
+    if sum(map(len, picks)) != size:
+        raise AutoDFPError(f"not enough training images per class for {name}")
     index = np.sort(np.concatenate(picks))
-    return train.subset(index, f"reward-{size}-seed{seed}")
+    return train.subset(index, name)
 
 
 def _lossless_test() -> ImageSet:

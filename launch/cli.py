@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from autodfp.cli import add_core_commands, add_output_arguments, dispatch, new_parser
+from autodfp.cli import (add_core_commands, add_output_arguments, dispatch, new_parser,
+                         whole_number)
 
 
 def add_search_commands(sub) -> dict:
@@ -26,6 +27,12 @@ def add_search_commands(sub) -> dict:
 
     export = sub.add_parser("export", help="the best strategy of a run -> pruned model + report")
     export.add_argument("run_dir", type=Path)
+    export.add_argument("--rerank", type=whole_number("--rerank", minimum=0), default=0,
+                        metavar="K", help="re-score the K best episodes on training images the "
+                        "reward set does not hold and export the best of them (default 0: the "
+                        "best reward)")
+    export.add_argument("--rerank-images", type=whole_number("--rerank-images"), default=5000,
+                        metavar="N", help="validation images for --rerank (default 5000)")
     add_output_arguments(export)
 
     report = sub.add_parser("report", help="plots of a run; --compare adds the baselines")
@@ -77,11 +84,23 @@ def cmd_export(args) -> int:
     run_dir = check_run_dir(args.run_dir)
     best = load_best(run_dir)
     check_out(args.out, args.force)
-    pruned = apply_strategy(Strategy.from_dict(best["strategy"]))
-    write_pruned(pruned, args, {"search": {"run": str(run_dir), "episode": best["episode"],
-                                           "reward_accuracy": best["accuracy"],
-                                           "macs_ratio_model": best["macs_ratio"]}})
+    search = {"run": str(run_dir)}
+    if args.rerank:
+        from launch.rerank import rerank
+
+        print(f"re-scoring the {args.rerank} best episodes on {args.rerank_images} validation "
+              "images", file=sys.stderr, flush=True)
+        best, strategy, rows = rerank(run_dir, args.rerank, args.rerank_images)
+        search.update(selected_by=f"validation ({args.rerank_images} training images, "
+                                  "disjoint from the reward set)", candidates=rows)
+    else:
+        strategy = Strategy.from_dict(best["strategy"])
+    pruned = apply_strategy(strategy)
+    search.update(episode=best["episode"], reward_accuracy=best["accuracy"],
+                  macs_ratio_model=best["macs_ratio"])
+    write_pruned(pruned, args, {"search": search})
     return 0
+
 
 
 def cmd_report(args) -> int:

@@ -73,3 +73,15 @@ def test_to_tensor_normalises_per_model():
     t = to_tensor(x, (0.5, 0.5, 0.5), (0.25, 0.5, 1.0))
     assert t.shape == (2, 3, 4, 4)
     assert t[0, :, 0, 0].tolist() == pytest.approx([2.0, 1.0, 0.5])
+
+
+def test_validation_split_is_stratified_and_disjoint_from_the_reward_split():
+    from autodfp.data import validation_split
+
+    reward = reward_split(200, seed=3)
+    validation = validation_split(300, reward_size=200, seed=3)
+    assert len(validation) == 300 and np.bincount(validation.y).tolist() == [30] * 10
+    seen = {image.tobytes() for image in reward.x}
+    assert not any(image.tobytes() in seen for image in validation.x)
+    with pytest.raises(AutoDFPError, match="validation set size must be in 1..49800"):
+        validation_split(49801, reward_size=200)

@@ -104,6 +104,24 @@ def test_exported_best_matches_its_episode_reward(killed_and_resumed, tmp_path):
     assert report["ratios"]["macs"] <= 0.6 + 2e-3
 
 
+def test_export_rerank_picks_among_the_best_episodes_on_validation_images(killed_and_resumed,
+                                                                         tmp_path):
+    run_dir, _, _ = killed_and_resumed
+    out = tmp_path / "reranked"
+    result = run_cli("export", run_dir, "--rerank", "3", "--rerank-images", "100", "--out", out,
+                     "--no-onnx", "--no-eval")
+    assert result.returncode == 0, result.stderr[-2000:]
+    search = json.loads((out / "report.json").read_text())["search"]
+    rows = search["candidates"]
+    assert len(rows) == 3 and rows[0]["reward"] >= rows[1]["reward"] >= rows[2]["reward"]
+    chosen = max(rows, key=lambda r: r["validation_percent"])
+    assert search["episode"] == chosen["episode"] and "validation" in search["selected_by"]
+    logged = {e["episode"]: e for e in map(json.loads, (trial_dir(run_dir) / "episodes.jsonl")
+                                           .read_text().splitlines())}
+    strategy = json.loads((out / "strategy.json").read_text())
+    assert [a["keep"] for a in strategy["layers"].values()] == logged[chosen["episode"]]["keep"]
+
+
 def test_export_killed_at_any_moment_leaves_no_folder_or_a_complete_one(killed_and_resumed,
                                                                        tmp_path):
     run_dir, _, _ = killed_and_resumed
