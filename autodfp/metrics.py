@@ -36,38 +36,47 @@ def model_cost(model: nn.Module, spec: ModelSpec) -> Cost:
     return Cost(int(macs), int(params))
 
 
-@torch.inference_mode()
 def predict(model: nn.Module, images: ImageSet, spec: ModelSpec, *, batch_size: int = 500,
             device: str | torch.device = "cpu", progress: bool = False) -> np.ndarray:
     """Predicted class of every image."""
+    return _predict(model, images, spec, batch_size=batch_size, device=device,
+                    progress=progress)[0]
+
+
+@torch.inference_mode()
+def _predict(model: nn.Module, images: ImageSet, spec: ModelSpec, *, batch_size: int = 500,
+             device: str | torch.device = "cpu",
+             progress: bool = False) -> tuple[np.ndarray, int]:
+    """Predicted classes and the model's number of outputs."""
     from tqdm import tqdm
 
+    _check_not_empty(images)
     check_input_size(images, spec)
     model = model.eval().to(device)
-    predictions = []
+    predictions, classes = [], 0
     starts = range(0, len(images), batch_size)
     for start in tqdm(starts, desc=f"evaluating {images.name}", unit="batch",
                       disable=None if progress else True, leave=False):
         x = to_tensor(images.x[start:start + batch_size], spec.mean, spec.std).to(device)
-        predictions.append(model(x).argmax(1).cpu())
-    return torch.cat(predictions).numpy()
+        logits = model(x)
+        classes = logits.shape[1]
+        predictions.append(logits.argmax(1).cpu())
+    return torch.cat(predictions).numpy(), int(classes)
 
 
 def accuracy(model: nn.Module, images: ImageSet, spec: ModelSpec, **kwargs) -> float:
     """Top-1 accuracy in percent."""
-    check_labelled_images(images, model, spec)
-    return float((predict(model, images, spec, **kwargs) == images.y).mean() * 100.0)
+    predictions, classes = _predict(model, images, spec, **kwargs)
+    _check_labels(images, classes, spec)
+    return float((predictions == images.y).mean() * 100.0)
 
 
 def check_labelled_images(images: ImageSet, model: nn.Module, spec: ModelSpec) -> None:
-    """Raise one clear line unless ``images`` can give a true accuracy for ``model``."""
-    if len(images) == 0:
-        raise AutoDFPError(f"{images.name} holds no images: no accuracy to measure")
+    """Raise one clear line unless ``images`` can give a true accuracy for ``model`` (before
+    any long evaluation; :func:`accuracy` checks the same as it goes)."""
+    _check_not_empty(images)
     check_input_size(images, spec)
-    classes = _num_outputs(model, spec)
-    if images.y.min() < 0 or images.y.max() >= classes:
-        raise AutoDFPError(f"{images.name}: labels range over {images.y.min()}..{images.y.max()}"
-                           f" but {spec.name} has {classes} outputs (0..{classes - 1})")
+    _check_labels(images, _num_outputs(model, spec), spec)
 
 
 def check_input_size(images: ImageSet, spec: ModelSpec) -> None:
@@ -78,6 +87,17 @@ def check_input_size(images: ImageSet, spec: ModelSpec) -> None:
         got = "x".join(str(d) for d in images.x.shape[1:])
         raise AutoDFPError(f"{images.name}: images are {got} (HxWxC), {spec.name} takes "
                            f"{height}x{width}x{channels}; resize them first")
+
+
+def _check_not_empty(images: ImageSet) -> None:
+    if len(images) == 0:
+        raise AutoDFPError(f"{images.name} holds no images: no accuracy to measure")
+
+
+def _check_labels(images: ImageSet, classes: int, spec: ModelSpec) -> None:
+    if images.y.min() < 0 or images.y.max() >= classes:
+        raise AutoDFPError(f"{images.name}: labels range over {images.y.min()}..{images.y.max()}"
+                           f" but {spec.name} has {classes} outputs (0..{classes - 1})")
 
 
 @torch.inference_mode()

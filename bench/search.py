@@ -34,19 +34,19 @@ from autodfp.data import load_split
 from autodfp.io import atomic_write_text
 from autodfp.metrics import accuracy
 from autodfp.pruning import apply_strategy
-from autodfp.strategy import LayerAction, Strategy
+from autodfp.strategy import Strategy
 from envs.autodfp_env import AutoDFPEnv
 from envs.baselines import uniform_search
 from launch.config import SearchConfig
+from launch.rerank import episode_strategy
 from launch.search import load_episodes, load_run_config, run_search
 
 ENV = {"model": "resnet56", "macs_budget": 0.5, "keep_lower": 0.2, "reconstruct": "autodfp"}
 
 
 def strategy_from_episode(env: AutoDFPEnv, episode: dict) -> Strategy:
-    layers = {name: LayerAction(k, c)
-              for name, k, c in zip(env.group_names, episode["keep"], episode["coef"])}
-    return Strategy(**env.strategy_fields(), layers=layers)
+    return episode_strategy(Strategy(**env.strategy_fields(), layers={}), env.group_names,
+                            episode)
 
 
 def best_so_far(env: AutoDFPEnv, episodes: list[dict], milestones: list[int]) -> dict:

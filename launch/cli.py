@@ -90,12 +90,11 @@ def cmd_export(args) -> int:
 
         print(f"re-scoring the {args.rerank} best episodes on {args.rerank_images} validation "
               "images", file=sys.stderr, flush=True)
-        best, strategy, rows = rerank(run_dir, args.rerank, args.rerank_images)
+        best, pruned, rows = rerank(run_dir, args.rerank, args.rerank_images)
         search.update(selected_by=f"validation ({args.rerank_images} training images, "
                                   "disjoint from the reward set)", candidates=rows)
     else:
-        strategy = Strategy.from_dict(best["strategy"])
-    pruned = apply_strategy(strategy)
+        pruned = apply_strategy(Strategy.from_dict(best["strategy"]))
     search.update(episode=best["episode"], reward_accuracy=best["accuracy"],
                   macs_ratio_model=best["macs_ratio"])
     write_pruned(pruned, args, {"search": search})

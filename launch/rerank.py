@@ -17,6 +17,18 @@ from autodfp.strategy import LayerAction, Strategy
 from launch.search import load_best, load_episodes, load_run_config
 
 
+def episode_strategy(template: Strategy, names: list[str], episode: dict) -> Strategy:
+    """The strategy an episode evaluated: ``template``'s settings with the episode's per-layer
+    keep and coefficient (``names``: the env's group order)."""
+    if len(episode["keep"]) != len(names) or len(episode["coef"]) != len(names):
+        raise AutoDFPError(f"episode {episode.get('episode')} has {len(episode['keep'])} "
+                           f"layers; the run's strategy has {len(names)}")
+    strategy = copy.deepcopy(template)
+    strategy.layers = {n: LayerAction(k, c)
+                       for n, k, c in zip(names, episode["keep"], episode["coef"])}
+    return strategy
+
+
 def top_strategies(run_dir, k: int) -> list[tuple[dict, Strategy]]:
     """The ``k`` distinct episodes with the best rewards, best first, with their strategies."""
     best = load_best(run_dir)
@@ -24,26 +36,19 @@ def top_strategies(run_dir, k: int) -> list[tuple[dict, Strategy]]:
     template = Strategy.from_dict(best["strategy"])
     chosen, seen = [], set()
     for episode in sorted(load_episodes(run_dir), key=lambda e: -e["accuracy"]):
-        if len(episode["keep"]) != len(names) or len(episode["coef"]) != len(names):
-            raise AutoDFPError(f"episode {episode.get('episode')} of {run_dir} has "
-                               f"{len(episode['keep'])} layers; the run's strategy has "
-                               f"{len(names)}")
         key = (tuple(episode["keep"]), tuple(episode["coef"]))
-        if key in seen:
-            continue
-        seen.add(key)
-        strategy = copy.deepcopy(template)
-        strategy.layers = {n: LayerAction(k_, c) for n, k_, c in
-                           zip(names, episode["keep"], episode["coef"])}
-        chosen.append((episode, strategy))
+        if key not in seen:
+            seen.add(key)
+            chosen.append((episode, episode_strategy(template, names, episode)))
         if len(chosen) == k:
             break
     return chosen
 
 
-def rerank(run_dir, k: int, images: int) -> tuple[dict, Strategy, list[dict]]:
+def rerank(run_dir, k: int, images: int):
     """Score the top ``k`` episodes on ``images`` validation images; returns the chosen
-    episode, its strategy, and one row per candidate (episode, reward, validation accuracy)."""
+    episode, its pruned model (:class:`autodfp.pruning.PrunedModel`), and one row per
+    candidate (episode, reward, validation accuracy)."""
     from autodfp.calibration import Calibrator
     from autodfp.data import validation_split
     from autodfp.metrics import accuracy
@@ -58,8 +63,10 @@ def rerank(run_dir, k: int, images: int) -> tuple[dict, Strategy, list[dict]]:
     calibration = candidates[0][1].calibration
     calibrator = (Calibrator.for_model(*base, calibration, progress=True)
                   if calibration is not None else None)
-    rows = []
+    rows, chosen, best_score = [], None, -1.0
     for i, (episode, strategy) in enumerate(candidates, start=1):
+        if calibrator is not None:
+            strategy.calibration = calibrator.config  # with the user images' digest, if any
         pruned = apply_strategy(strategy, (copy.deepcopy(base[0]), base[1]),
                                 calibrator=calibrator)
         score = accuracy(pruned.model, validation, pruned.spec)
@@ -68,5 +75,6 @@ def rerank(run_dir, k: int, images: int) -> tuple[dict, Strategy, list[dict]]:
         print(f"  candidate {i}/{len(candidates)}: episode {rows[-1]['episode']}, reward "
               f"{episode['accuracy']:.4f}, validation ({len(validation)} training images) "
               f"{score:.2f} %", file=sys.stderr, flush=True)
-    pick = max(range(len(rows)), key=lambda i: rows[i]["validation_percent"])
-    return candidates[pick][0], candidates[pick][1], rows
+        if score > best_score:  # the first of equal scores: the better reward
+            chosen, best_score = (episode, pruned), score
+    return chosen[0], chosen[1], rows

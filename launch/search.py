@@ -120,8 +120,7 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     kwargs = dict(log_to_driver=False, include_dashboard=False, logging_level="ERROR",
                   configure_logging=True)
-    if address:
-        check_reachable(address)
+    if address:  # callers ran check_reachable before their slow work
         try:
             with _stderr_to_file() as ray_log:  # Ray's core warns once a second while retrying
                 ray.init(address=address, **kwargs)
@@ -204,7 +203,7 @@ def resume_search(run_dir: str | Path, address: str | None = None) -> Path:
                            "started or the folder was copied in part; start a new search")
     where = describe_latest_checkpoint(run_dir)
     if address:
-        check_reachable(address)
+        check_reachable(address)  # before Tune's restore
     init_ray(address)
     print(f"resuming {run_dir.name}: latest checkpoint on disk is {where}; Tune resumes from "
           "the last one its experiment state recorded", file=sys.stderr)

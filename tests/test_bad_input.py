@@ -46,31 +46,30 @@ def _file(tmp: Path, name: str, text: str) -> Path:
     return path
 
 
-def _empty_folder(tmp: Path) -> Path:
-    path = tmp / "in" / "empty"
+def _folder(tmp: Path, name: str, files: dict[str, str] | None = None) -> Path:
+    """A folder under the case's input area holding ``files`` (name -> text)."""
+    path = tmp / "in" / name
     path.mkdir()
+    for file, text in (files or {}).items():
+        (path / file).write_text(text)
     return path
+
+
+def _empty_folder(tmp: Path) -> Path:
+    return _folder(tmp, "empty")
 
 
 def _non_empty_out(tmp: Path) -> Path:
-    path = tmp / "in" / "full"
-    path.mkdir()
-    (path / "keep.txt").write_text("mine")
-    return path
+    return _folder(tmp, "full", {"keep.txt": "mine"})
 
 
 def _run_without_tune_state(tmp: Path) -> Path:
-    run = tmp / "in" / "run"
-    run.mkdir()
-    (run / "search.json").write_text(json.dumps({"name": "run", "env": {"model": "resnet20"}}))
-    return run
+    return _folder(tmp, "run", {"search.json": json.dumps({"name": "run",
+                                                          "env": {"model": "resnet20"}})})
 
 
 def _corrupt_run(tmp: Path) -> Path:
-    run = tmp / "in" / "run"
-    run.mkdir()
-    (run / "search.json").write_text("{broken")
-    return run
+    return _folder(tmp, "run", {"search.json": "{broken"})
 
 
 def _config(tmp: Path, text: str) -> Path:
