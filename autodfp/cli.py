@@ -12,6 +12,7 @@ from pathlib import Path
 
 from autodfp.calibration import DEFAULT_CALIBRATION, ORDERS
 from autodfp.errors import AutoDFPError
+from autodfp.quantization import COMPENSATIONS, MAX_BITS, MIN_BITS, QuantConfig
 from autodfp.synthetic import SynthConfig
 from autodfp.reconstruction import METHODS
 from autodfp.selection import CRITERIA
@@ -42,6 +43,18 @@ def whole_number(what: str, minimum: int = 1):
             raise argparse.ArgumentTypeError(f"{what} must be at least {minimum}, got {value}")
         return value
     return parse
+
+
+def bits_number(text: str) -> int:
+    """argparse type: weight bits in [MIN_BITS, MAX_BITS]."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bits must be a whole number, got {text!r}") from None
+    if not MIN_BITS <= value <= MAX_BITS:
+        raise argparse.ArgumentTypeError(f"bits must be from {MIN_BITS} to {MAX_BITS}, "
+                                         f"got {value}")
+    return value
 
 
 class _Parser(argparse.ArgumentParser):
@@ -76,6 +89,13 @@ def add_core_commands(sub) -> dict:
                        help="Neuron Merging sigma: std = sqrt(var+eps) (default, better), "
                             "var = running_var as in the official code")
     add_calibration_arguments(prune)
+    prune.add_argument("--bits", type=bits_number, default=None,
+                       help=f"quantize every conv and linear layer's weights to this many bits "
+                            f"({MIN_BITS}-{MAX_BITS}, per output channel) after pruning and "
+                            "calibration (default: float)")
+    prune.add_argument("--quant", choices=COMPENSATIONS, default=None,
+                       help=f"compensation of the quantization error (default "
+                            f"{QuantConfig.compensate}; see docs/quantization.md)")
     add_output_arguments(prune)
 
     synth = sub.add_parser("synth", help="synthesise calibration images from a model's BN "
@@ -196,8 +216,12 @@ def cmd_prune(args) -> int:
     calibration = (f"calibration={strategy.calibration.order} on {strategy.calibration.count} "
                    f"{'synthetic' if strategy.calibration.images == 'synthetic' else 'user'} "
                    "images" if strategy.calibration else "calibration=none")
-    _say(f"pruning {strategy.model}: {len(strategy.layers)} group(s), select={strategy.select}, "
-         f"reconstruct={strategy.reconstruct}, {calibration}")
+    bits = strategy.layer_bits
+    quantization = (f", {len(bits)} layer(s) quantized to {'/'.join(map(str, sorted(set(bits.values()))))}"
+                    f" bits ({strategy.quant_config().compensate})" if bits else "")
+    groups = sum(1 for a in strategy.layers.values() if a.keep < 1.0)
+    _say(f"pruning {strategy.model}: {groups} group(s), select={strategy.select}, "
+         f"reconstruct={strategy.reconstruct}, {calibration}{quantization}")
     start = time.perf_counter()
     pruned = apply_strategy(strategy, base, calibrator=calibrator)
     _say(f"pruned and calibrated in {time.perf_counter() - start:.1f} s")
@@ -231,6 +255,8 @@ def _strategy_from_args(args):
         if _calibration_flags_given(args):
             raise AutoDFPError("a strategy file fixes its calibration; --calib, --calib-images, "
                                "--calib-data and --synth-steps go with --keep")
+        if args.bits is not None or args.quant is not None:
+            raise AutoDFPError("a strategy file fixes its bits; --bits and --quant go with --keep")
         if args.model and args.model != strategy.model:
             raise AutoDFPError(f"--model {args.model} differs from the strategy's model "
                                f"{strategy.model}")
@@ -241,10 +267,15 @@ def _strategy_from_args(args):
     if not args.model or args.keep is None:
         raise AutoDFPError("give --model and --keep, or --strategy FILE")
     calibration = calibration_from_args(args)
+    if args.quant is not None and args.bits is None:
+        raise AutoDFPError("--quant needs --bits")
     strategy = uniform_strategy(args.model, args.keep, select=args.select,
                                 reconstruct=args.reconstruct, coef=args.coef,
-                                checkpoint=args.checkpoint, nm_sigma=args.nm_sigma)
+                                checkpoint=args.checkpoint, bits=args.bits,
+                                nm_sigma=args.nm_sigma)
     strategy.calibration = calibration
+    if args.bits is not None:
+        strategy.quantization = QuantConfig(compensate=args.quant or QuantConfig.compensate)
     return strategy
 
 
@@ -268,9 +299,10 @@ def cmd_eval(args) -> int:
 
     if (args.folder is None) == (args.model is None):
         raise AutoDFPError("give a pruned-model folder or --model NAME (one of them)")
+    bits = None
     if args.folder is not None:
-        model, spec, _ = load_pruned(args.folder)
-        label = str(args.folder)
+        model, spec, strategy = load_pruned(args.folder)
+        label, bits = str(args.folder), strategy.layer_bits
     else:
         model, spec = build_model(args.model, args.checkpoint)
         label = args.model
@@ -278,8 +310,9 @@ def cmd_eval(args) -> int:
               else [load_split(name) for name in REPORT_SPLITS])
     for split in splits:
         check_labelled_images(split, model, spec)
-    cost = model_cost(model, spec)
-    print(f"{label}: {cost.macs / 1e6:.2f}M MACs, {cost.params / 1e3:.1f}K params")
+    cost = model_cost(model, spec, bits)
+    print(f"{label}: {cost.macs / 1e6:.2f}M MACs, {cost.params / 1e3:.1f}K params, "
+          f"{cost.weight_bytes / 1e3:.1f} KB of weights")
     accuracies = evaluate_splits(model, spec, splits, progress=True)
     for split in splits:
         print(f"  top-1 {split.name} ({len(split)}): {accuracies[split.name]:.2f}%")

@@ -7,6 +7,9 @@ A pruned-model folder holds:
   base model and the recorded channel counts, then loads the weights.
 - ``model.ts``: TorchScript (traced), loadable with ``torch.jit.load`` alone.
 - ``model.onnx``: ONNX (opset 17, dynamic batch) when the exporter works here.
+- ``model.q.pt`` (quantized models only): each quantized layer's integer codes packed at its
+  bits with a float32 step per output channel, the rest as tensors; :func:`load_quantized`
+  rebuilds the same fake-quantized weights bit for bit. Its size is in ``report.json``.
 - ``strategy.json`` and ``report.json``.
 
 The folder is assembled in a scratch folder and renamed into place: it appears whole or not at all.
@@ -29,6 +32,7 @@ from autodfp.pruning import PrunedModel
 from autodfp.strategy import Strategy
 
 MODEL_FORMAT = "autodfp-model/1"
+QUANT_FORMAT = "autodfp-qmodel/1"
 
 
 def write_model_folder(pruned: PrunedModel, report: dict, out: Path, *,
@@ -45,6 +49,12 @@ def write_model_folder(pruned: PrunedModel, report: dict, out: Path, *,
         exports["model.ts"] = "TorchScript (torch.jit.load)"
         if onnx:
             exports["model.onnx"] = _try_onnx(pruned.model, example, scratch / "model.onnx")
+        if pruned.quantized:
+            torch.save(_quantized_payload(pruned), scratch / "model.q.pt")
+            size = (scratch / "model.q.pt").stat().st_size
+            exports["model.q.pt"] = (f"packed integer weights + per-channel steps "
+                                     f"(autodfp.export.load_quantized), {size} bytes")
+            report = {**report, "compact_file_bytes": size}
         (scratch / "strategy.json").write_text(pruned.strategy.to_json())
         report = {**report, "exports": exports}
         (scratch / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -59,6 +69,63 @@ def _model_payload(pruned: PrunedModel) -> dict:
         "strategy": pruned.strategy.to_json(),
         "state_dict": {k: v.detach().clone() for k, v in pruned.model.state_dict().items()},
     }
+
+
+def _quantized_payload(pruned: PrunedModel) -> dict:
+    from autodfp.quantization import pack_codes
+
+    weights = {f"{name}.weight" for name in pruned.quantized}
+    return {
+        "format": QUANT_FORMAT,
+        "model": pruned.strategy.model,
+        "channels": dict(pruned.channels),
+        "strategy": pruned.strategy.to_json(),
+        "quantized": {name: {"bits": q.bits, "shape": list(q.codes.shape),
+                             "codes": pack_codes(q), "scale": q.scale.clone()}
+                      for name, q in pruned.quantized.items()},
+        "float": {k: v.detach().clone() for k, v in pruned.model.state_dict().items()
+                  if k not in weights},
+    }
+
+
+def load_quantized(path: str | Path) -> tuple[nn.Module, ModelSpec, Strategy]:
+    """Rebuild a quantized model from ``model.q.pt`` (or the folder holding it)."""
+    from autodfp.quantization import QuantizedWeight, check_bits, unpack_codes
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.q.pt"
+    payload = _load_payload(path, QUANT_FORMAT)
+    try:
+        state = dict(payload["float"])
+        for name, entry in payload["quantized"].items():
+            bits, shape = check_bits(entry["bits"]), tuple(entry["shape"])
+            codes = unpack_codes(entry["codes"], bits, shape)
+            state[f"{name}.weight"] = QuantizedWeight(codes, entry["scale"], bits).dequantize()
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise AutoDFPError(f"{path} is damaged: {type(exc).__name__}: {exc}") from None
+    return _rebuild(payload, state, path)
+
+
+def _load_payload(path: Path, expected: str) -> dict:
+    if not path.is_file():
+        raise AutoDFPError(f"pruned model not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise AutoDFPError(f"cannot load {path}: {str(exc).strip().splitlines()[0]}") from None
+    if not isinstance(payload, dict) or payload.get("format") != expected:
+        kind = "quantized" if expected == QUANT_FORMAT else "pruned"
+        raise AutoDFPError(f"{path} is not an AutoDFP {kind} model ({expected})")
+    return payload
+
+
+def _rebuild(payload: dict, state: dict, path: Path) -> tuple[nn.Module, ModelSpec, Strategy]:
+    strategy = Strategy.from_dict(json.loads(payload["strategy"]))
+    model, spec = build_model(payload["model"], pretrained=False)
+    shrink_to(model, spec, payload["channels"])
+    load_state_dict_checked(model, state, str(path))
+    return model.eval(), spec, strategy
 
 
 def _try_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> str:
@@ -79,19 +146,8 @@ def load_pruned(path: str | Path) -> tuple[nn.Module, ModelSpec, Strategy]:
     path = Path(path)
     if path.is_dir():
         path = path / "model.pt"
-    if not path.is_file():
-        raise AutoDFPError(f"pruned model not found: {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise AutoDFPError(f"cannot load {path}: {str(exc).strip().splitlines()[0]}") from None
-    if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
-        raise AutoDFPError(f"{path} is not an AutoDFP pruned model ({MODEL_FORMAT})")
-    strategy = Strategy.from_dict(json.loads(payload["strategy"]))
-    model, spec = build_model(payload["model"], pretrained=False)
-    shrink_to(model, spec, payload["channels"])
-    load_state_dict_checked(model, payload["state_dict"], str(path))
-    return model.eval(), spec, strategy
+    payload = _load_payload(path, MODEL_FORMAT)
+    return _rebuild(payload, payload["state_dict"], path)
 
 
 def shrink_to(model: nn.Module, spec: ModelSpec, channels: dict[str, int]) -> None:

@@ -65,7 +65,7 @@ class ChannelGraph:
         self.names = {module: name for name, module in model.named_modules()}
         self._dg = tp.DependencyGraph().build_dependency(
             model, example_inputs=example_input, verbose=False)
-        self.following_bn = _following_batchnorms(model, example_input)
+        self.following_bn = following_batchnorms(model, example_input)
         self.groups: dict[str, ChannelGroup] = {}
         self.excluded: list[ExcludedGroup] = []
         self._classify()
@@ -130,7 +130,7 @@ class ChannelGraph:
         self._dg.get_pruning_group(group.producer, tp.prune_conv_out_channels, idxs=drop).prune()
 
 
-def _following_batchnorms(model: nn.Module, example_input: torch.Tensor) -> dict:
+def following_batchnorms(model: nn.Module, example_input: torch.Tensor) -> dict:
     """Map each conv/linear to the BatchNorm that consumes its output tensor directly."""
     produced_by: dict[int, nn.Module] = {}
     follows: dict[nn.Module, nn.Module] = {}

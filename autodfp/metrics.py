@@ -1,4 +1,5 @@
-"""Cost and quality of a model: MACs/FLOPs, parameters, top-1 accuracy, latency."""
+"""Cost and quality of a model: MACs/FLOPs, parameters, weight bytes, BitOPs, top-1 accuracy,
+latency."""
 
 from __future__ import annotations
 
@@ -21,6 +22,11 @@ class Cost:
     macs: int
     """Multiply-accumulates of one forward pass at batch 1 (Torch-Pruning's counter)."""
     params: int
+    weight_bytes: int = 0
+    """Bytes to store parameters and buffers, quantized layers at their bits
+    (:func:`autodfp.quantization.weight_bytes`)."""
+    bitops: int = 0
+    """Conv and linear MACs x weight bits x activation bits (activations float: 32)."""
 
     @property
     def flops(self) -> int:
@@ -31,9 +37,13 @@ class Cost:
         return {**asdict(self), "flops": self.flops}
 
 
-def model_cost(model: nn.Module, spec: ModelSpec) -> Cost:
+def model_cost(model: nn.Module, spec: ModelSpec, bits: dict[str, int] | None = None) -> Cost:
+    """Cost of ``model``; ``bits``: layer name -> weight bits of its quantized layers."""
+    from autodfp.quantization import bitops, weight_bytes
+
     macs, params = tp.utils.count_ops_and_params(model, spec.example_input())
-    return Cost(int(macs), int(params))
+    return Cost(int(macs), int(params), weight_bytes(model, bits),
+                bitops(model, spec.example_input(), bits))
 
 
 def predict(model: nn.Module, images: ImageSet, spec: ModelSpec, *, batch_size: int = 500,

@@ -1,4 +1,5 @@
-"""Apply a :class:`Strategy` to a pretrained model: select, reconstruct, cut (in that order).
+"""Apply a :class:`Strategy` to a pretrained model: select, reconstruct, cut (in that order),
+then calibrate and quantize when the strategy says so.
 
 Groups are processed in forward order on the current weights, so a consumer that is itself the
 producer of a later group is selected on its already-compensated filters (the same order as the
@@ -15,10 +16,11 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from autodfp.calibration import Calibrator, ridge_for
+from autodfp.calibration import DEFAULT_CALIBRATION, Calibrator, calibration_images, ridge_for
 from autodfp.errors import AutoDFPError
 from autodfp.graph import ChannelGraph
 from autodfp.models import ModelSpec, build_model, get_spec
+from autodfp.quantization import QuantizedWeight, quantizable_layers, quantize_model
 from autodfp.reconstruction import ReconstructionOptions, reconstruct
 from autodfp.selection import get_criterion
 from autodfp.strategy import LayerAction, Strategy, file_sha256
@@ -39,6 +41,8 @@ class PrunedModel:
     """Layers the calibration refitted."""
     calibrate_s: float = 0.0
     """Seconds the calibration took (images and targets excluded when a calibrator was given)."""
+    quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
+    """Integer codes and steps of the quantized layers (their weights are ``codes * scale``)."""
 
 
 def load_base(strategy: Strategy) -> tuple[nn.Module, ModelSpec]:
@@ -68,8 +72,15 @@ def apply_strategy(strategy: Strategy, base: tuple[nn.Module, ModelSpec] | None 
         strategy = dataclasses.replace(strategy, calibration=calibrator.config)  # + image digest
     elif calibrator is not None and calibrator.config != strategy.calibration:
         raise ValueError("the calibrator was made for another calibration than the strategy's")
+    quant_images = calibrator.images if calibrator is not None else None
+    if (strategy.layer_bits and quant_images is None
+            and strategy.quant_config().compensate == "calibrate"):
+        # made from the unpruned model, like a calibration's (read from the cache after once)
+        quant_images, _ = calibration_images(DEFAULT_CALIBRATION, model, spec, progress=progress)
     graph = ChannelGraph(model, spec.example_input())
-    unknown = [name for name in strategy.layers if name not in graph.groups]
+    layers = quantizable_layers(model)
+    unknown = [name for name, action in strategy.layers.items()
+               if name not in graph.groups and (action.keep < 1.0 or name not in layers)]
     if unknown:
         graph.group(unknown[0])  # raises with the reason
     criterion = get_criterion(strategy.select)
@@ -95,9 +106,13 @@ def apply_strategy(strategy: Strategy, base: tuple[nn.Module, ModelSpec] | None 
                  for name, coefs in ridges.items()}
         refitted = calibrator.calibrate(model, refit, kept_outputs)
         seconds = time.perf_counter() - start
+    quantized = {}
+    if strategy.layer_bits:
+        quantized = quantize_model(model, strategy.layer_bits, strategy.quant_config(),
+                                   spec.example_input(), quant_images)
     return PrunedModel(model, spec, strategy,
                        {n: g.channels for n, g in graph.groups.items()}, compensated,
-                       {g.name: g.reason for g in graph.excluded}, refitted, seconds)
+                       {g.name: g.reason for g in graph.excluded}, refitted, seconds, quantized)
 
 
 def prunable_groups(model_name: str, checkpoint: str | None = None) -> dict[str, int]:
@@ -109,10 +124,16 @@ def prunable_groups(model_name: str, checkpoint: str | None = None) -> dict[str,
 
 def uniform_strategy(model_name: str, keep: float, *, select: str = "l1",
                      reconstruct: str = "neuron-merging", coef: float = 1.0,
-                     checkpoint: str | None = None, **option_overrides) -> Strategy:
-    """The same keep ratio for every prunable group."""
-    action = LayerAction(keep, coef)
+                     checkpoint: str | None = None, bits: int | None = None,
+                     **option_overrides) -> Strategy:
+    """The same keep ratio for every prunable group; with ``bits``, every conv and linear
+    layer quantized to that many bits."""
+    action = LayerAction(keep, coef, bits)
     layers = {name: action for name in prunable_groups(model_name, checkpoint)}
+    if bits is not None:
+        model, _ = build_model(model_name, checkpoint, pretrained=False)
+        layers = {name: layers.get(name, LayerAction(1.0, coef, bits))
+                  for name in quantizable_layers(model)}
     return Strategy(model_name, layers, select, reconstruct, checkpoint,
                     checkpoint_digest(model_name, checkpoint),
                     ReconstructionOptions(**option_overrides))

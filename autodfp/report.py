@@ -51,7 +51,7 @@ def build_report(pruned: PrunedModel, splits: list[ImageSet] | None = None, *,
     if base_cost is None:
         base_model, _ = load_base(pruned.strategy)
         base_cost = model_cost(base_model, pruned.spec)
-    cost = model_cost(pruned.model, pruned.spec)
+    cost = model_cost(pruned.model, pruned.spec, pruned.strategy.layer_bits)
     report = {
         "model": pruned.strategy.model,
         "select": pruned.strategy.select,
@@ -61,7 +61,9 @@ def build_report(pruned: PrunedModel, splits: list[ImageSet] | None = None, *,
         "pruned": {**cost.as_dict(),
                    "accuracy": evaluate_splits(pruned.model, pruned.spec, splits,
                                                progress=progress)},
-        "ratios": {"macs": cost.macs / base_cost.macs, "params": cost.params / base_cost.params},
+        "ratios": {"macs": cost.macs / base_cost.macs, "params": cost.params / base_cost.params,
+                   "weight_bytes": cost.weight_bytes / base_cost.weight_bytes,
+                   "bitops": cost.bitops / base_cost.bitops},
         "images": {s.name: len(s) for s in splits},
         "channels": pruned.channels,
         "compensated": pruned.compensated,
@@ -69,6 +71,10 @@ def build_report(pruned: PrunedModel, splits: list[ImageSet] | None = None, *,
         "calibration": (pruned.strategy.calibration.order if pruned.strategy.calibration
                         else "none"),
         "refitted": pruned.refitted,
+        "quantized": {"layers": len(pruned.quantized),
+                      "bits": sorted({q.bits for q in pruned.quantized.values()}),
+                      "compensate": pruned.strategy.quant_config().compensate}
+        if pruned.quantized else None,
     }
     if latency:
         report["pruned"]["latency_ms"] = {
@@ -83,6 +89,12 @@ def format_report(report: dict) -> str:
              f"{report['ratios']['macs']:.3f}"),
             ("params (K)", f"{base['params'] / 1e3:.1f}", f"{pruned['params'] / 1e3:.1f}",
              f"{report['ratios']['params']:.3f}")]
+    if report.get("quantized"):
+        rows += [("weights (KB)", f"{base['weight_bytes'] / 1e3:.1f}",
+                  f"{pruned['weight_bytes'] / 1e3:.1f}",
+                  f"{report['ratios']['weight_bytes']:.3f}"),
+                 ("BitOPs (G)", f"{base['bitops'] / 1e9:.1f}", f"{pruned['bitops'] / 1e9:.1f}",
+                  f"{report['ratios']['bitops']:.3f}")]
     for split, acc in pruned["accuracy"].items():
         before = base["accuracy"][split]
         n = report["images"][split]
@@ -92,7 +104,9 @@ def format_report(report: dict) -> str:
         rows.append((f"latency {key} (ms)", "", f"{value:.2f}", ""))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = [f"{report['model']}  select={report['select']}  "
-             f"reconstruct={report['reconstruct']}  calibration={report.get('calibration', 'none')}"]
+             f"reconstruct={report['reconstruct']}  calibration={report.get('calibration', 'none')}"
+             + (f"  weights={'/'.join(map(str, report['quantized']['bits']))}-bit "
+                f"({report['quantized']['compensate']})" if report.get("quantized") else "")]
     lines += ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
                         for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
     if not pruned["accuracy"]:

@@ -9,7 +9,9 @@
      "calibration": {"order": "refit", "images": "synthetic", "count": 256, …}}
 
 ``keep`` is the kept share of the group's output channels; the kept count is
-``round_half_up(keep * channels)``, at least 1. ``coef`` is the reconstruction coefficient
+``round_half_up(keep * channels)``, at least 1. ``bits`` (absent: float) quantizes the layer
+of that name (any conv or linear layer: a layer that is not a group's producer is listed with
+keep 1) after pruning and calibration, as ``quantization`` says (:mod:`autodfp.quantization`). ``coef`` is the reconstruction coefficient
 (it blends the ``autodfp`` reconstruction and, with a calibration, sets the refit's ridge:
 :func:`autodfp.calibration.ridge_for`). Layers not listed are left whole. ``calibration``
 (absent or null: none) says how the pruned model is calibrated on synthetic or user images;
@@ -28,6 +30,7 @@ from pathlib import Path
 from autodfp.calibration import CalibrationConfig
 from autodfp.errors import AutoDFPError
 from autodfp.io import atomic_write_text
+from autodfp.quantization import QuantConfig, check_bits
 from autodfp.reconstruction import METHODS, ReconstructionOptions
 from autodfp.selection import CRITERIA
 
@@ -36,16 +39,26 @@ FORMAT = "autodfp-strategy/1"
 
 @dataclass(frozen=True)
 class LayerAction:
-    keep: float
+    keep: float = 1.0
     """Kept share of the group's channels, in (0, 1]."""
     coef: float = 1.0
     """Reconstruction coefficient in [0, 1]."""
+    bits: int | None = None
+    """Weight bits of the layer of this name (2-8); None: float."""
 
     def __post_init__(self):
-        if not (isinstance(self.keep, (int, float)) and 0.0 < self.keep <= 1.0):
+        if isinstance(self.keep, bool) or not (isinstance(self.keep, (int, float))
+                                               and 0.0 < self.keep <= 1.0):
             raise AutoDFPError(f"keep ratio must be in (0, 1], got {self.keep!r}")
-        if not (isinstance(self.coef, (int, float)) and 0.0 <= self.coef <= 1.0):
+        if isinstance(self.coef, bool) or not (isinstance(self.coef, (int, float))
+                                               and 0.0 <= self.coef <= 1.0):
             raise AutoDFPError(f"reconstruction coefficient must be in [0, 1], got {self.coef!r}")
+        if self.bits is not None:
+            check_bits(self.bits)
+
+    def to_dict(self) -> dict:
+        out = {"keep": self.keep, "coef": self.coef}
+        return out if self.bits is None else {**out, "bits": self.bits}
 
     def kept_channels(self, channels: int) -> int:
         return min(channels, max(1, math.floor(self.keep * channels + 0.5)))
@@ -64,6 +77,8 @@ class Strategy:
     options: ReconstructionOptions = field(default_factory=ReconstructionOptions)
     calibration: CalibrationConfig | None = None
     """Calibration after pruning; None: none (the closed-form compensation alone)."""
+    quantization: QuantConfig | None = None
+    """How layers with ``bits`` are quantized; None: the defaults when any layer has bits."""
 
     def __post_init__(self):
         if self.select not in CRITERIA:
@@ -73,13 +88,23 @@ class Strategy:
             raise AutoDFPError(f"unknown reconstruction {self.reconstruct!r}; choose one of "
                                f"{', '.join(METHODS)}")
 
+    @property
+    def layer_bits(self) -> dict[str, int]:
+        """Layer name -> weight bits, for the layers quantized."""
+        return {n: a.bits for n, a in self.layers.items() if a.bits is not None}
+
+    def quant_config(self) -> QuantConfig:
+        return self.quantization or QuantConfig()
+
     def to_dict(self) -> dict:
         return {
             "format": FORMAT, "model": self.model, "checkpoint": self.checkpoint,
             "checkpoint_sha256": self.checkpoint_sha256, "select": self.select,
             "reconstruct": self.reconstruct, "options": dataclasses.asdict(self.options),
-            "layers": {name: dataclasses.asdict(a) for name, a in self.layers.items()},
+            "layers": {name: a.to_dict() for name, a in self.layers.items()},
             "calibration": self.calibration.to_dict() if self.calibration else None,
+            **({"quantization": self.quant_config().to_dict()}
+               if self.quantization or self.layer_bits else {}),
         }
 
     @classmethod
@@ -89,12 +114,15 @@ class Strategy:
         try:
             layers = {str(n): LayerAction(**a) for n, a in data["layers"].items()}
             calibration = data.get("calibration")
+            quantization = data.get("quantization")
             return cls(model=data["model"], layers=layers, select=data["select"],
                        reconstruct=data["reconstruct"], checkpoint=data.get("checkpoint"),
                        checkpoint_sha256=data.get("checkpoint_sha256"),
                        options=ReconstructionOptions(**data.get("options", {})),
                        calibration=(CalibrationConfig.from_dict(calibration)
-                                    if calibration is not None else None))
+                                    if calibration is not None else None),
+                       quantization=(QuantConfig.from_dict(quantization)
+                                     if quantization is not None else None))
         except (KeyError, TypeError, AttributeError) as exc:
             raise AutoDFPError(f"malformed strategy: {type(exc).__name__}: {exc}") from None
 
