@@ -74,7 +74,7 @@ def apply_strategy(strategy: Strategy, base: tuple[nn.Module, ModelSpec] | None 
         raise ValueError("the calibrator was made for another calibration than the strategy's")
     quant_images = calibrator.images if calibrator is not None else None
     if (strategy.layer_bits and quant_images is None
-            and strategy.quant_config().compensate == "calibrate"):
+            and strategy.quant_config().compensate.startswith("calibrate")):
         # made from the unpruned model, like a calibration's (read from the cache after once)
         quant_images, _ = calibration_images(DEFAULT_CALIBRATION, model, spec, progress=progress)
     graph = ChannelGraph(model, spec.example_input())

@@ -30,6 +30,8 @@ derivations are in ``docs/quantization.md``:
     on the calibration images (synthetic by default: still no data), each quantized layer's
     output channels get the least-squares scale and shift that map its quantized output to the
     float model's, in forward order on the quantized model's own activations.
+``calibrate-bias``
+    the same with the shift alone (DFQ's empirical bias correction, on synthetic images).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ MIN_BITS, MAX_BITS = 2, 8
 FLOAT_BITS = 32
 ACTIVATION_BITS = FLOAT_BITS
 """Activations stay float: BitOPs are counted as MACs x weight bits x 32."""
-COMPENSATIONS = ("none", "udfc", "dfq", "udfc+dfq", "calibrate")
+COMPENSATIONS = ("none", "udfc", "dfq", "udfc+dfq", "calibrate", "calibrate-bias")
 CLIPS = ("auto", "max", "mse")
 _CLIP_GRID = np.linspace(1.0, 0.5, 26)
 
@@ -86,7 +88,7 @@ class QuantConfig:
     def clip_rule(self, method: str) -> str:
         if self.clip != "auto":
             return self.clip
-        return "mse" if method == "calibrate" else "max"
+        return "mse" if method == "calibrate" else "max"  # calibrate-bias fits no scale
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -170,13 +172,13 @@ def quantize_model(model: nn.Module, bits: dict[str, int], config: QuantConfig,
         raise AutoDFPError(f"layer {unknown[0]!r} cannot be quantized (not a conv or linear "
                            "layer of the model)")
     method = config.compensate
-    if method == "calibrate" and images is None:
+    if method.startswith("calibrate") and images is None:
         method = "dfq"
     clip = config.clip_rule(method)
     names = [n for n in layers if n in bits]
-    following = {layers[n]: bn for n in names
-                 if (bn := following_batchnorms(model, example_input).get(layers[n])) is not None}
-    float_model = copy.deepcopy(model).eval() if method == "calibrate" else None
+    after = following_batchnorms(model, example_input)
+    following = {layers[n]: after[layers[n]] for n in names if layers[n] in after}
+    float_model = copy.deepcopy(model).eval() if method.startswith("calibrate") else None
     input_means = _input_means(model, example_input, names) if "dfq" in method else {}
     quantized = {}
     with torch.no_grad():
@@ -192,9 +194,9 @@ def quantize_model(model: nn.Module, bits: dict[str, int], config: QuantConfig,
                                                input_means[name])
                 _remove_output_shift(module, following.get(module), shift)
             quantized[name] = q
-    if method == "calibrate":
+    if method.startswith("calibrate"):
         _calibrate(float_model, model, {n: quantized[n] for n in names}, following, images,
-                   config)
+                   config, fit_scale=method == "calibrate")
     return quantized
 
 
@@ -278,9 +280,11 @@ def _remove_output_shift(module: nn.Module, bn: nn.Module | None, shift: torch.T
 
 @torch.no_grad()
 def _calibrate(float_model: nn.Module, model: nn.Module, quantized: dict[str, QuantizedWeight],
-               following: dict, images: torch.Tensor, config: QuantConfig) -> None:
-    """Per output channel, least-squares scale and shift from the quantized layer's output
-    (on the quantized model's own activations) to the float model's (same sampled rows)."""
+               following: dict, images: torch.Tensor, config: QuantConfig, *,
+               fit_scale: bool = True) -> None:
+    """Per output channel, least-squares scale (``fit_scale``, else 1) and shift from the
+    quantized layer's output (on the quantized model's own activations) to the float model's
+    (same sampled rows)."""
     generator = torch.Generator().manual_seed(config.seed)
     rows: dict[str, tuple] = {}
     targets: dict[str, torch.Tensor] = {}
@@ -322,8 +326,11 @@ def _calibrate(float_model: nn.Module, model: nn.Module, quantized: dict[str, Qu
             x_mean, y_mean = x.mean(0), y.mean(0)
             xc = x - x_mean
             var = (xc * xc).mean(0)
-            scale = torch.where(var > 1e-20, (xc * (y - y_mean)).mean(0) / var.clamp_min(1e-20),
-                                torch.ones_like(var)).clamp(0.5, 2.0)
+            scale = torch.ones_like(var)
+            if fit_scale:
+                scale = torch.where(var > 1e-20,
+                                    (xc * (y - y_mean)).mean(0) / var.clamp_min(1e-20),
+                                    scale).clamp(0.5, 2.0)
             shift = y_mean - scale * x_mean
             quantized[name].rescale(scale)
             module.weight.copy_(quantized[name].dequantize().to(module.weight.dtype))

@@ -7,6 +7,11 @@
 - Observation (all in [0, 1]): static descriptors of the group (position, in/out channels,
   kernel, stride, MACs share), its DBSCAN similarity statistics (computed once per env), and
   dynamic features (MACs removed so far, MACs still prunable after this group, previous action).
+- Mixed precision (``quantize`` set): the action gains ``a[2]``, mapped to weight bits in
+  ``[min_bits, max_bits]`` for the group's producer and the layers that read only its channels
+  (the other conv/linear layers stay at ``fixed_bits``); the budget is on ``macs``,
+  ``weight_bytes`` or ``bitops`` (:class:`QuantSearch`), every budget projected as above (bits
+  first, then the keep ratio); the observation gains the previous bits and the budget left.
 - Reward: 0 on every step but the last, which gets the top-1 accuracy (a fraction) of the
   pruned, compensated and calibrated model on the reward split (training images). Identical
   strategies are evaluated once (cache).
@@ -33,9 +38,46 @@ from autodfp.errors import AutoDFPError
 from autodfp.graph import ChannelGraph
 from autodfp.metrics import accuracy, model_cost
 from autodfp.pruning import apply_strategy, checkpoint_digest, load_base
+from autodfp.quantization import (FLOAT_BITS, QuantConfig, check_bits, layer_macs,
+                                  quantizable_layers, weight_bytes)
 from autodfp.settings import from_mapping
 from autodfp.similarity import similarity_stats
 from autodfp.strategy import LayerAction, Strategy
+
+
+BUDGETS = ("macs", "weight_bytes", "bitops")
+
+
+@dataclass(frozen=True)
+class QuantSearch:
+    """Mixed-precision search settings (``EnvConfig.quantize``)."""
+
+    budget: str = "weight_bytes"
+    """What ``budget_ratio`` bounds: ``macs``, ``weight_bytes`` (weight storage, see
+    :func:`autodfp.quantization.weight_bytes`) or ``bitops`` (MACs x weight bits x 32)."""
+    budget_ratio: float = 0.1
+    """Largest allowed share of the float model's cost (``macs``: ``macs_budget`` is used)."""
+    min_bits: int = 2
+    """Fewest weight bits an action can choose."""
+    max_bits: int = 8
+    """Most weight bits an action can choose."""
+    fixed_bits: int = 8
+    """Bits of the conv/linear layers no step decides (e.g. the stem conv and the classifier)."""
+    compensate: str = "calibrate"
+    """Quantization compensation (:class:`autodfp.quantization.QuantConfig`)."""
+
+    def __post_init__(self):
+        if self.budget not in BUDGETS:
+            raise AutoDFPError(f"quantize budget must be one of {', '.join(BUDGETS)}, "
+                               f"got {self.budget!r}")
+        for name in ("min_bits", "max_bits", "fixed_bits"):
+            check_bits(getattr(self, name), f"quantize {name}")
+        if self.min_bits > self.max_bits:
+            raise AutoDFPError(f"quantize min_bits {self.min_bits} exceeds max_bits "
+                               f"{self.max_bits}")
+        if not 0.0 < self.budget_ratio <= 1.0:
+            raise AutoDFPError(f"quantize budget_ratio must be in (0, 1], got {self.budget_ratio}")
+        QuantConfig(compensate=self.compensate)
 
 
 @dataclass(frozen=True)
@@ -67,6 +109,9 @@ class EnvConfig:
     """Where rewards are evaluated: ``auto`` takes the GPU this process was given, if any."""
     torch_threads: int = 0
     """Torch CPU threads in this process; 0 leaves torch's default (set per env runner)."""
+    quantize: dict | None = None
+    """Fields of :class:`QuantSearch` ({} = its defaults) for a joint pruning + mixed-precision
+    search; None: float weights, the MACs budget alone."""
 
     @classmethod
     def from_dict(cls, env_config: dict | None) -> "EnvConfig":
@@ -76,10 +121,16 @@ class EnvConfig:
         if not 0.0 < config.keep_lower <= 1.0:
             raise AutoDFPError(f"keep_lower must be in (0, 1], got {config.keep_lower}")
         config.calibration_config()  # validates
+        config.quant_search()
         if config.action_mode not in ("fair-share", "absolute"):
             raise AutoDFPError(f"action_mode must be 'fair-share' or 'absolute', "
                                f"got {config.action_mode!r}")
         return config
+
+    def quant_search(self) -> QuantSearch | None:
+        if self.quantize is None:
+            return None
+        return from_mapping(QuantSearch, self.quantize, "quantize")
 
     def calibration_config(self) -> CalibrationConfig | None:
         if self.calibration is None:
@@ -115,6 +166,8 @@ class AutoDFPEnv(gym.Env):
         self._images = reward_split(self.config.reward_size, self.config.reward_seed)
         self.group_names, self._channels, self._static = self._describe_groups()
         self._fixed_macs, self._group_macs = self._macs_model()
+        self.quant = self.config.quant_search()
+        self._constraints = self._budget_constraints()
         self._check_budget_reachable()
         self._calibrator = None
         if base_strategy.calibration is not None:
@@ -123,8 +176,9 @@ class AutoDFPEnv(gym.Env):
             base_strategy.calibration = self._calibrator.config  # with the user images' digest
         self._cache: dict[str, float] = {}
         self.last_timing: dict = {}
-        self.action_space = gym.spaces.Box(0.0, 1.0, shape=(2,), dtype=np.float32)
-        obs_dim = self._static.shape[1] + 4
+        self.action_space = gym.spaces.Box(0.0, 1.0, shape=(3 if self.quant else 2,),
+                                           dtype=np.float32)
+        obs_dim = self._static.shape[1] + (6 if self.quant else 4)
         self.observation_space = gym.spaces.Box(0.0, 1.0, shape=(obs_dim,), dtype=np.float32)
 
     # -- set-up --------------------------------------------------------------------------
@@ -135,6 +189,7 @@ class AutoDFPEnv(gym.Env):
         names = list(graph.groups)
         if not names:
             raise AutoDFPError(f"{self.config.model} has no prunable channel groups")
+        self._owned = _layers_owned_by_groups(graph)
         channels = np.array([graph.groups[n].channels for n in names])
         max_in = max(g.producer.in_channels for g in graph.groups.values())
         rows = []
@@ -162,20 +217,61 @@ class AutoDFPEnv(gym.Env):
 
     def strategy_fields(self) -> dict:
         t = self._template
-        return {"model": t.model, "select": t.select, "reconstruct": t.reconstruct,
-                "checkpoint": t.checkpoint, "checkpoint_sha256": t.checkpoint_sha256,
-                "calibration": t.calibration}
+        fields = {"model": t.model, "select": t.select, "reconstruct": t.reconstruct,
+                  "checkpoint": t.checkpoint, "checkpoint_sha256": t.checkpoint_sha256,
+                  "calibration": t.calibration}
+        if self.config.quantize is not None:
+            fields["quantization"] = QuantConfig(compensate=self.config.quant_search().compensate)
+        return fields
+
+    def _budget_constraints(self) -> list["_Budget"]:
+        """The MACs budget, and with ``quantize`` the weight-bytes or BitOPs budget, each as
+        ``fixed + sum_i unit[i] * keep_i * (bits_i / 32 if it depends on bits)``."""
+        macs = _Budget("MACs", "macs_budget", self.config.macs_budget, self._fixed_macs,
+                       self._group_macs, self._base_macs, uses_bits=False)
+        if self.quant is None or self.quant.budget == "macs":
+            return [macs]
+        layers = quantizable_layers(self._base_model)
+        owned = {name for names in self._owned for name in names}
+        unowned = [n for n in layers if n not in owned]
+        fixed_share = self.quant.fixed_bits / FLOAT_BITS
+        if self.quant.budget == "weight_bytes":
+            size = {n: 4 * m.weight.numel() for n, m in layers.items()}  # float32 bytes
+            base = float(weight_bytes(self._base_model))
+            unit = np.array([sum(size[n] for n in names) for names in self._owned], dtype=float)
+            # conservative: other parameters and buffers, and one float32 step per output
+            # channel, at their unpruned size; one byte per layer for packing to whole bytes
+            fixed = (base - sum(size.values()) + sum(size[n] * fixed_share for n in unowned)
+                     + sum(4 * m.weight.shape[0] + 1 for m in layers.values()))
+            label = "weight bytes"
+        else:
+            macs = layer_macs(self._base_model, self._spec.example_input())
+            per_bit = FLOAT_BITS * FLOAT_BITS  # float weights x float activations
+            base = float(sum(macs.values()) * per_bit)
+            unit = np.array([sum(macs[n] for n in names) * per_bit for names in self._owned],
+                            dtype=float)
+            fixed = sum(macs[n] * per_bit * fixed_share for n in unowned)
+            label = "BitOPs"
+        return [macs, _Budget(label, "quantize budget_ratio", self.quant.budget_ratio, fixed,
+                              unit, base, uses_bits=True)]
 
     def _lower_channels(self) -> np.ndarray:
         return np.maximum(1, np.ceil(self.config.keep_lower * self._channels - 1e-9))
 
+    def _min_bits(self) -> int:
+        return self.quant.min_bits if self.quant else FLOAT_BITS
+
     def _check_budget_reachable(self) -> None:
-        floor = self._fixed_macs + (self._group_macs * self._lower_channels() / self._channels).sum()
-        if floor > self.config.macs_budget * self._base_macs:
-            raise AutoDFPError(
-                f"MACs budget {self.config.macs_budget:.3f} is unreachable: with every group at "
-                f"keep_lower={self.config.keep_lower} the model keeps "
-                f"{floor / self._base_macs:.3f} of its MACs")
+        share = self._lower_channels() / self._channels
+        bits = np.full(len(share), self._min_bits())
+        for budget in self._constraints:
+            floor = budget.cost(share, bits)
+            if floor > budget.limit * (1 + 1e-12):
+                at_bits = f" and min_bits={self._min_bits()}" if budget.uses_bits else ""
+                raise AutoDFPError(
+                    f"{budget.label} budget {budget.ratio:.3f} ({budget.setting}) is "
+                    f"unreachable: with every group at keep_lower={self.config.keep_lower}"
+                    f"{at_bits} the model keeps {floor / budget.base:.3f} of its {budget.label}")
 
     # -- gym API -------------------------------------------------------------------------
 
@@ -184,14 +280,21 @@ class AutoDFPEnv(gym.Env):
         self._t = 0
         self._kept = np.zeros(len(self.group_names), dtype=np.int64)
         self._coefs = np.zeros(len(self.group_names))
-        self._prev_action = np.zeros(2)
+        self._bits = np.full(len(self.group_names), FLOAT_BITS)
+        self._prev_action = np.zeros(self.action_space.shape[0])
         return self._get_obs(), {}
 
     def step(self, action):
         action = np.clip(np.asarray(action, dtype=np.float64), 0.0, 1.0)
-        self._kept[self._t] = self._project(action[0])
-        self._coefs[self._t] = action[1]
-        self._prev_action = np.array([self._kept[self._t] / self._channels[self._t], action[1]])
+        t = self._t
+        self._bits[t] = self._project_bits(action[2]) if self.quant else FLOAT_BITS
+        self._kept[t] = self._project(action[0])
+        self._coefs[t] = action[1]
+        self._prev_action = np.array([self._kept[t] / self._channels[t], action[1]])
+        if self.quant:
+            span = max(self.quant.max_bits - self.quant.min_bits, 1)
+            self._prev_action = np.append(self._prev_action,
+                                          (self._bits[t] - self.quant.min_bits) / span)
         self._t += 1
         if self._t < len(self.group_names):
             return self._get_obs(), 0.0, False, False, {}
@@ -199,6 +302,8 @@ class AutoDFPEnv(gym.Env):
         reward = self.evaluate(strategy)
         info = {"accuracy": reward, "macs_ratio": self.macs_ratio(),
                 "strategy": strategy.to_dict(), "timing": dict(self.last_timing)}
+        if self.quant:
+            info["budget_ratio"] = self.budget_ratio()
         return self._get_obs(), reward, True, False, info
 
     def _get_obs(self) -> np.ndarray:
@@ -207,10 +312,40 @@ class AutoDFPEnv(gym.Env):
         removed = (self._group_macs[: self._t] * (1 - done / self._channels[: self._t])).sum()
         later = self._group_macs[t + 1:].sum() if self._t < len(self.group_names) else 0.0
         dynamic = [removed / self._base_macs, later / self._base_macs, *self._prev_action]
+        if self.quant:
+            budget = self._constraints[-1]
+            dynamic.append(budget.left(self._t, self._kept / self._channels, self._bits)
+                           / budget.base)
         obs = np.concatenate([self._static[t], dynamic])
         return np.clip(obs, 0.0, 1.0).astype(np.float32)
 
     # -- actions, strategy, reward -------------------------------------------------------
+
+    def _most_channels(self, bits: int) -> int:
+        """Most channels group t can keep at ``bits`` with every budget still reachable by
+        cutting every later group to keep_lower at min_bits."""
+        t, channels = self._t, int(self._channels[self._t])
+        share = self._lower_channels() / self._channels
+        share[:t] = self._kept[:t] / self._channels[:t]
+        bits_now = np.full(len(share), self._min_bits())
+        bits_now[:t] = self._bits[:t]
+        most = channels
+        for budget in self._constraints:
+            share[t], bits_now[t] = 0.0, bits
+            room = budget.limit - budget.cost(share, bits_now)
+            unit = budget.unit[t] * (bits / FLOAT_BITS if budget.uses_bits else 1.0)
+            if unit > 0:
+                most = min(most, math.floor(room / unit * channels + 1e-9))
+        return most
+
+    def _project_bits(self, a: float) -> int:
+        """Bits for group t: the wish ``a``, lowered until keep_lower fits every budget."""
+        q = self.quant
+        bits = int(math.floor(q.min_bits + a * (q.max_bits - q.min_bits) + 0.5))
+        lower = int(self._lower_channels()[self._t])
+        while bits > q.min_bits and self._most_channels(bits) < lower:
+            bits -= 1
+        return bits
 
     def _project(self, a: float) -> int:
         """Kept channels for group t: the wish ``a``, capped so the budget stays reachable."""
@@ -224,9 +359,7 @@ class AutoDFPEnv(gym.Env):
         else:
             fair = float(np.clip(left / self._group_macs[t:].sum(), low, 1.0))
             wish = low + 2 * a * (fair - low) if a <= 0.5 else fair + (2 * a - 1) * (1 - fair)
-        reserve = (self._group_macs[t + 1:] * lower[t + 1:] / self._channels[t + 1:]).sum()
-        room = left - reserve
-        most = math.floor(room / self._group_macs[t] * channels + 1e-9) if self._group_macs[t] else channels
+        most = self._most_channels(int(self._bits[t]))
         wanted = math.floor(wish * channels + 0.5)
         return int(np.clip(wanted, lower[t], max(lower[t], min(channels, most))))
 
@@ -235,18 +368,52 @@ class AutoDFPEnv(gym.Env):
 
     def macs_ratio_of(self, strategy: Strategy) -> float:
         """MACs share of a strategy under this env's cost model (no pruning done)."""
-        kept = [strategy.layers[n].kept_channels(int(c)) if n in strategy.layers else c
-                for n, c in zip(self.group_names, self._channels)]
-        return self._macs_ratio(np.array(kept))
+        return self._macs_ratio(self._kept_and_bits(strategy)[0])
 
     def _macs_ratio(self, kept: np.ndarray) -> float:
         share = kept / self._channels
         return float((self._fixed_macs + (self._group_macs * share).sum()) / self._base_macs)
 
+    def budget_ratio(self) -> float:
+        """Share of the quantize budget's quantity the current episode's strategy keeps."""
+        return self._budget_ratio(self._kept, self._bits)
+
+    def budget_ratio_of(self, strategy: Strategy) -> float:
+        """The same for any strategy of this env (no pruning done)."""
+        return self._budget_ratio(*self._kept_and_bits(strategy))
+
+    def fits_budgets(self, strategy: Strategy) -> bool:
+        kept, bits = self._kept_and_bits(strategy)
+        return all(b.cost(kept / self._channels, bits) <= b.limit * (1 + 1e-12)
+                   for b in self._constraints)
+
+    def _kept_and_bits(self, strategy: Strategy) -> tuple[np.ndarray, np.ndarray]:
+        actions = [strategy.layers.get(n) for n in self.group_names]
+        kept = np.array([a.kept_channels(int(c)) if a else c
+                         for a, c in zip(actions, self._channels)])
+        bits = np.array([(a.bits or FLOAT_BITS) if a else FLOAT_BITS for a in actions])
+        return kept, bits
+
+    def _budget_ratio(self, kept: np.ndarray, bits: np.ndarray) -> float:
+        budget = self._constraints[-1]
+        return float(budget.cost(kept / self._channels, bits) / budget.base)
+
     def strategy(self) -> Strategy:
         layers = {name: LayerAction(float(k / c), float(coef))
                   for name, k, c, coef in zip(self.group_names, self._kept, self._channels, self._coefs)}
+        if self.quant:
+            layers = self.with_bits(layers, [int(b) for b in self._bits])
         return Strategy(**self.strategy_fields(), layers=layers)
+
+    def with_bits(self, layers: dict[str, LayerAction], bits: list[int]) -> dict:
+        """Each group's bits on the layers it owns, ``fixed_bits`` on every other layer."""
+        out = {}
+        owner = {n: i for i, names in enumerate(self._owned) for n in names}
+        for name in quantizable_layers(self._base_model):
+            action = layers.get(name, LayerAction(1.0))
+            b = bits[owner[name]] if name in owner else self.quant.fixed_bits
+            out[name] = LayerAction(action.keep, action.coef, b)
+        return out
 
     def evaluate(self, strategy: Strategy) -> float:
         """Accuracy (fraction) of ``strategy`` on the reward split, cached."""
@@ -263,3 +430,43 @@ class AutoDFPEnv(gym.Env):
                                     calibrate_s=pruned.calibrate_s,
                                     eval_s=time.perf_counter() - middle)
         return self._cache[key]
+
+
+@dataclass(frozen=True)
+class _Budget:
+    """One budget: ``fixed + sum_i unit[i] * share_i * (bits_i / 32 if uses_bits)`` must stay
+    at most ``ratio * base``."""
+
+    label: str
+    setting: str
+    ratio: float
+    fixed: float
+    unit: np.ndarray
+    base: float
+    uses_bits: bool
+
+    @property
+    def limit(self) -> float:
+        return self.ratio * self.base
+
+    def cost(self, share: np.ndarray, bits: np.ndarray) -> float:
+        factor = np.asarray(bits, dtype=float) / FLOAT_BITS if self.uses_bits else 1.0
+        return float(self.fixed + (self.unit * share * factor).sum())
+
+    def left(self, t: int, share: np.ndarray, bits: np.ndarray) -> float:
+        """Budget not yet spent by the first ``t`` groups (later ones counted at zero)."""
+        share, bits = share.copy(), np.asarray(bits, dtype=float).copy()
+        share[t:] = 0.0
+        return self.limit - self.cost(share, bits)
+
+
+def _layers_owned_by_groups(graph: ChannelGraph) -> list[list[str]]:
+    """Per group (graph order): its producer and the consumers that read only its channels
+    and produce no group of their own; their bits are the group's action."""
+    producers = set(graph.groups)
+    readers: dict[str, int] = {}
+    for group in graph.groups.values():
+        for name in group.consumers:
+            readers[name] = readers.get(name, 0) + 1
+    return [[name, *(c for c in group.consumers if c not in producers and readers[c] == 1)]
+            for name, group in graph.groups.items()]

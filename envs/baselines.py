@@ -31,6 +31,8 @@ class SearchOutcome:
 
 
 def uniform_search(env: AutoDFPEnv) -> SearchOutcome:
+    if env.quant is not None:
+        return uniform_bits_search(env)
     keep = largest_uniform_keep(env)
     best = None
     for method, coef in UNIFORM_CANDIDATES:
@@ -54,6 +56,36 @@ def largest_uniform_keep(env: AutoDFPEnv, resolution: int = 512) -> float:
     raise ValueError("no uniform keep ratio fits the budget")
 
 
+def uniform_bits_search(env: AutoDFPEnv) -> SearchOutcome:
+    """Mixed-precision env: for every bits b in [min_bits, max_bits], the largest uniform keep
+    that fits every budget at b bits on every layer a step decides (env's reconstruction,
+    coefficient 0.5); the best reward wins."""
+    best = None
+    for bits in range(env.quant.min_bits, env.quant.max_bits + 1):
+        strategy = None
+        for step in range(512, 0, -1):
+            candidate = _uniform(env, step / 512, 0.5, bits)
+            if env.fits_budgets(candidate):
+                strategy = candidate
+                break
+        if strategy is None:
+            continue
+        reward = env.evaluate(strategy)
+        keep = strategy.layers[env.group_names[0]].keep
+        if best is None or reward > best.reward:
+            best = SearchOutcome(f"uniform keep {keep:.3f}, {bits}-bit", strategy, reward,
+                                 env.macs_ratio_of(strategy))
+    if best is None:
+        raise ValueError("no uniform keep ratio and bits fit the budget")
+    return best
+
+
+def _uniform(env: AutoDFPEnv, keep: float, coef: float, bits: int) -> Strategy:
+    layers = env.with_bits({n: LayerAction(keep, coef) for n in env.group_names},
+                            [bits] * len(env.group_names))
+    return Strategy(**env.strategy_fields(), layers=layers)
+
+
 def random_search(env: AutoDFPEnv, episodes: int, seed: int = 0) -> SearchOutcome:
     rng = np.random.default_rng(seed)
     best, curve = None, []
@@ -61,7 +93,7 @@ def random_search(env: AutoDFPEnv, episodes: int, seed: int = 0) -> SearchOutcom
         env.reset()
         terminated = False
         while not terminated:
-            _, reward, terminated, _, info = env.step(rng.random(2))
+            _, reward, terminated, _, info = env.step(rng.random(env.action_space.shape[0]))
         if best is None or reward > best.reward:
             best = SearchOutcome("random search", Strategy.from_dict(info["strategy"]), reward,
                                  info["macs_ratio"])

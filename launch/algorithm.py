@@ -59,12 +59,23 @@ class RecordingReplayBuffer(PrioritizedEpisodeReplayBuffer):
             self.finished.append(_plain({"accuracy": info["accuracy"],
                                          "macs_ratio": info["macs_ratio"],
                                          "strategy": info["strategy"],
+                                         **({"budget_ratio": info["budget_ratio"]}
+                                            if "budget_ratio" in info else {}),
                                          "timing": info.get("timing", {})}))
         super().add(episodes, weight)
 
     def drain(self) -> list[dict]:
         finished, self.finished = self.finished, []
         return finished
+
+
+def _quantized_fields(record: dict) -> dict:
+    """Per-layer bits and the budget share of a mixed-precision episode (nothing otherwise)."""
+    layers = record["strategy"]["layers"].values()
+    if not any("bits" in layer for layer in layers):
+        return {}
+    return {"bits": [layer.get("bits") for layer in layers],
+            "budget_ratio": record.get("budget_ratio")}
 
 
 class AutoDFPSAC(SAC):
@@ -151,6 +162,7 @@ class AutoDFPSAC(SAC):
                         "accuracy": record["accuracy"], "macs_ratio": record["macs_ratio"],
                         "keep": [layer["keep"] for layer in layers.values()],
                         "coef": [layer["coef"] for layer in layers.values()],
+                        **_quantized_fields(record),
                         "timing": record.get("timing", {}), "time": time.time()}) + "\n")
         best = self.autodfp["best"]
         if best is not None:

@@ -24,8 +24,9 @@ def episode_strategy(template: Strategy, names: list[str], episode: dict) -> Str
         raise AutoDFPError(f"episode {episode.get('episode')} has {len(episode['keep'])} "
                            f"layers; the run's strategy has {len(names)}")
     strategy = copy.deepcopy(template)
-    strategy.layers = {n: LayerAction(k, c)
-                       for n, k, c in zip(names, episode["keep"], episode["coef"])}
+    bits = episode.get("bits") or [None] * len(names)
+    strategy.layers = {n: LayerAction(k, c, b)
+                       for n, k, c, b in zip(names, episode["keep"], episode["coef"], bits)}
     return strategy
 
 
@@ -36,7 +37,7 @@ def top_strategies(run_dir, k: int) -> list[tuple[dict, Strategy]]:
     template = Strategy.from_dict(best["strategy"])
     chosen, seen = [], set()
     for episode in sorted(load_episodes(run_dir), key=lambda e: -e["accuracy"]):
-        key = (tuple(episode["keep"]), tuple(episode["coef"]))
+        key = (tuple(episode["keep"]), tuple(episode["coef"]), tuple(episode.get("bits") or ()))
         if key not in seen:
             seen.add(key)
             chosen.append((episode, episode_strategy(template, names, episode)))

@@ -342,7 +342,11 @@ def _is_episode(record) -> bool:
             and all(_is_number(record.get(k)) for k in ("accuracy", "macs_ratio", "time"))
             and all(isinstance(record.get(k), list) and all(map(_is_number, record[k]))
                     for k in EPISODE_LISTS)
-            and isinstance(record.get("timing", {}), dict))
+            and isinstance(record.get("timing", {}), dict)
+            and (record.get("bits") is None or (
+                isinstance(record["bits"], list) and len(record["bits"]) == len(record["keep"])
+                and all(b is None or (isinstance(b, int) and not isinstance(b, bool))
+                        for b in record["bits"]))))
 
 
 def _is_number(value) -> bool:

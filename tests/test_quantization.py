@@ -1,0 +1,165 @@
+"""Data-free k-bit weight quantization: codes, compensation, replay, export, cost, the env."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from gymnasium.utils.env_checker import check_env
+
+from autodfp.calibration import CalibrationConfig
+from autodfp.export import load_pruned, load_quantized, write_model_folder
+from autodfp.metrics import accuracy, model_cost
+from autodfp.models import build_model
+from autodfp.pruning import apply_strategy, uniform_strategy
+from autodfp.quantization import (QuantConfig, distinct_values_per_channel, pack_codes,
+                                  quantizable_layers, quantize_weight, unpack_codes)
+from autodfp.strategy import LayerAction, Strategy
+from autodfp.synthetic import SynthConfig
+from envs.autodfp_env import AutoDFPEnv
+from tests.conftest import run_cli
+
+SMALL_CALIBRATION = CalibrationConfig(count=64, synth=SynthConfig(batch_size=64, steps=30))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
+def test_codes_are_symmetric_k_bit_levels_within_half_a_step(bits):
+    model, _ = build_model("resnet20")
+    weight = model.get_submodule("layer2.0.conv1").weight
+    q = quantize_weight(weight, bits, "max")
+    levels = 2 ** (bits - 1) - 1
+    assert q.codes.abs().max() <= levels
+    assert distinct_values_per_channel(q.dequantize()) <= 2 ** bits - 1
+    error = (q.dequantize() - weight.detach()).abs().reshape(weight.shape[0], -1).amax(1)
+    assert torch.all(error <= q.scale / 2 * (1 + 1e-5))
+    assert torch.equal(unpack_codes(pack_codes(q), bits, tuple(q.codes.shape)), q.codes)
+    assert pack_codes(q).numel() == -(-weight.numel() * bits // 8)
+
+
+def test_mse_clip_has_smaller_weight_error_than_max():
+    model, _ = build_model("resnet20")
+    weight = model.get_submodule("layer3.1.conv2").weight.detach()
+    errors = {clip: ((quantize_weight(weight, 3, clip).dequantize() - weight) ** 2).sum()
+              for clip in ("max", "mse")}
+    assert errors["mse"] < errors["max"]
+
+
+def test_bits_in_a_strategy_replay_bit_for_bit_and_survive_json():
+    strategy = uniform_strategy("resnet20", 0.7, bits=4, reconstruct="autodfp", coef=0.5)
+    strategy.quantization = QuantConfig(compensate="dfq")
+    again = Strategy.from_dict(json.loads(strategy.to_json()))
+    assert again.layer_bits == strategy.layer_bits and len(again.layer_bits) == 20
+    first, second = apply_strategy(strategy), apply_strategy(again)
+    for (name, a), b in zip(first.model.state_dict().items(), second.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert set(first.quantized) == set(quantizable_layers(first.model))
+
+
+def test_strategies_without_bits_keep_their_json():
+    strategy = uniform_strategy("resnet20", 0.5)
+    data = strategy.to_dict()
+    assert "quantization" not in data
+    assert all(set(layer) == {"keep", "coef"} for layer in data["layers"].values())
+
+
+def test_a_strategy_cannot_prune_a_layer_that_is_no_group():
+    strategy = uniform_strategy("resnet20", 1.0, bits=6)
+    strategy.layers["layer1.0.conv2"] = LayerAction(0.5, 1.0, 6)
+    with pytest.raises(Exception, match="not a prunable group"):
+        apply_strategy(strategy)
+
+
+def test_three_bit_calibration_beats_plain_rounding_on_real_images(lossless):
+    """ResNet-20 at keep 0.8, 3-bit weights: the default compensation (per-channel scale and
+    shift fitted on synthetic images) against plain rounding, on the lossless test images."""
+    scores = {}
+    for compensate in ("none", "calibrate"):
+        strategy = uniform_strategy("resnet20", 0.8, bits=3)
+        strategy.calibration = SMALL_CALIBRATION
+        strategy.quantization = QuantConfig(compensate=compensate)
+        pruned = apply_strategy(strategy)
+        scores[compensate] = accuracy(pruned.model, lossless, pruned.spec)
+    assert scores["calibrate"] > scores["none"] + 5, scores
+
+
+def test_dfq_bias_correction_moves_the_bn_mean_by_the_expected_shift():
+    model, spec = build_model("resnet20")
+    plain, corrected = copy.deepcopy(model), copy.deepcopy(model)
+    bits = {"layer1.0.conv2": 2}
+    apply = __import__("autodfp.quantization", fromlist=["quantize_model"]).quantize_model
+    apply(plain, bits, QuantConfig(compensate="none"), spec.example_input())
+    apply(corrected, bits, QuantConfig(compensate="dfq"), spec.example_input())
+    moved = corrected.layer1[0].bn2.running_mean - plain.layer1[0].bn2.running_mean
+    assert moved.abs().max() > 1e-4  # conv2 reads relu(bn1): its expected input is known
+    assert torch.equal(corrected.layer1[0].conv2.weight, plain.layer1[0].conv2.weight)
+
+
+def test_resnet56_keep_08_six_bit_export_keeps_accuracy_and_64_values(tmp_path, lossless):
+    """The issue's check through the CLI (closed-form path, so no synthetic images are made):
+    >= 91.5 % on the lossless 1,017, at most 64 distinct values per output channel, and the
+    compact file reloads to the same weights."""
+    out = tmp_path / "q"
+    result = run_cli("prune", "--model", "resnet56", "--keep", "0.8", "--reconstruct", "udfc",
+                     "--calib", "none", "--bits", "6", "--quant", "dfq", "--no-eval", "--no-onnx",
+                     "--out", out)
+    assert result.returncode == 0, result.stderr[-2000:]
+    model, spec, strategy = load_pruned(out)
+    compact, _, _ = load_quantized(out)
+    for (name, a), b in zip(model.state_dict().items(), compact.state_dict().values()):
+        assert torch.equal(a, b), name
+    for name in strategy.layer_bits:
+        assert distinct_values_per_channel(model.get_submodule(name).weight) <= 64
+    assert accuracy(model, lossless, spec) >= 91.5
+    report = json.loads((out / "report.json").read_text())
+    assert report["ratios"]["weight_bytes"] < 0.2 * 32 / 32 + 0.01
+    assert report["compact_file_bytes"] == (out / "model.q.pt").stat().st_size
+
+
+def independent_bytes(folder) -> int:
+    """Bytes a quantized folder needs, counted from its compact file: packed codes, one float32
+    step per channel, and every other tensor at its size (batch counters aside)."""
+    payload = torch.load(folder / "model.q.pt", weights_only=True)
+    total = sum(e["codes"].numel() + 4 * e["scale"].numel() for e in payload["quantized"].values())
+    return total + sum(t.numel() * t.element_size() for k, t in payload["float"].items()
+                       if not k.endswith("num_batches_tracked"))
+
+
+def float_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for k, t in model.state_dict().items()
+               if not k.endswith("num_batches_tracked"))
+
+
+QUANT_ENV = {"model": "resnet20", "reward_size": 60, "macs_budget": 1.0, "calibration": None,
+             "quantize": {"budget": "weight_bytes", "budget_ratio": 0.09, "compensate": "dfq"}}
+
+
+def test_mixed_precision_env_keeps_every_episode_within_its_byte_budget(tmp_path):
+    env = AutoDFPEnv(QUANT_ENV)
+    check_env(env, skip_render_check=True)
+    assert env.action_space.shape == (3,)
+    base, _ = build_model("resnet20")
+    rng = np.random.default_rng(1)
+    seen_bits = set()
+    for episode in range(3):
+        env.reset()
+        terminated = False
+        actions = np.ones((9, 3)) if episode == 0 else rng.random((9, 3))  # greedy first
+        for action in actions:
+            obs, reward, terminated, _, info = env.step(action)
+            assert env.observation_space.contains(obs)
+        assert terminated and info["budget_ratio"] <= 0.09 + 1e-9
+        strategy = Strategy.from_dict(info["strategy"])
+        seen_bits |= set(strategy.layer_bits.values())
+        pruned = apply_strategy(strategy)
+        folder = write_model_folder(pruned, {}, tmp_path / f"e{episode}", onnx=False) and \
+            tmp_path / f"e{episode}"
+        assert independent_bytes(folder) <= 0.09 * float_bytes(base)
+        assert model_cost(pruned.model, pruned.spec, strategy.layer_bits).weight_bytes == \
+            independent_bytes(folder)
+    assert len(seen_bits) > 2
+
+
+def test_mixed_precision_budget_unreachable_at_min_bits_is_one_line():
+    with pytest.raises(Exception, match="unreachable.*min_bits=4"):
+        AutoDFPEnv({**QUANT_ENV, "quantize": {"budget_ratio": 0.02, "min_bits": 4}})
