@@ -135,6 +135,8 @@ class AutoDFPSAC(SAC):
         if best is not None:
             summary["best_accuracy"] = best["accuracy"]
             summary["best_macs_ratio"] = best["macs_ratio"]
+            if "budget_ratio" in best:
+                summary["best_budget_ratio"] = best["budget_ratio"]
             summary["best_episode"] = best["episode"]
             summary["best_keep"] = {name: layer["keep"]
                                     for name, layer in best["strategy"]["layers"].items()}

@@ -71,8 +71,10 @@ def _print_best(run_dir: Path) -> None:
 
     best = load_best(run_dir)
     print(f"run folder: {run_dir}")
-    print(f"best: reward-set accuracy {best['accuracy']:.4f} at MACs {best['macs_ratio']:.3f} "
-          f"(episode {best['episode']}); next: autodfp export {run_dir} --out DIR")
+    budget = (f", budget share {best['budget_ratio']:.3f}"
+              if isinstance(best.get("budget_ratio"), float) else "")
+    print(f"best: reward-set accuracy {best['accuracy']:.4f} at MACs {best['macs_ratio']:.3f}"
+          f"{budget} (episode {best['episode']}); next: autodfp export {run_dir} --out DIR")
 
 
 def cmd_export(args) -> int:

@@ -378,9 +378,11 @@ class ProgressLine(Callback):
                       f"({self.done_before} episodes restored)", file=sys.stderr)
         done = stats.get("episodes_total", 0)
         rate = (done - self.done_before) / max(time.monotonic() - self.start, 1e-9) * 60
+        budget = (f", budget {stats['best_budget_ratio']:.3f}" if "best_budget_ratio" in stats
+                  else "")
         line = (f"iter {result.get('training_iteration', 0):4d} | episodes {done}/{self.episodes}"
                 f" | best acc {stats.get('best_accuracy', float('nan')):.4f}"
-                f" @ MACs {stats.get('best_macs_ratio', float('nan')):.3f}"
+                f" @ MACs {stats.get('best_macs_ratio', float('nan')):.3f}{budget}"
                 f" | last mean {stats.get('accuracy_mean', float('nan')):.4f}"
                 f" | {rate:.1f} episodes/min")
         print(("\r" + line) if self.tty else line, end="" if self.tty else "\n",

@@ -180,7 +180,39 @@ CASES = {
                              "not an autodfp run folder", None),
     "eval of a missing folder": (lambda t: ["eval", t / "in" / "none"],
                                  "pruned model not found", None),
+    "bits above 8": (lambda t: [*PRUNE, "--bits", "9", "--out", OUT],
+                     "bits must be from 2 to 8, got 9", None),
+    "bits not a number": (lambda t: [*PRUNE, "--bits", "six", "--out", OUT],
+                          "bits must be a whole number", None),
+    "--quant without --bits": (lambda t: [*PRUNE, "--quant", "dfq", "--out", OUT],
+                               "--quant needs --bits", None),
+    "strategy with 12-bit layer": (lambda t: ["prune", "--strategy", _bits_strategy(t, 12),
+                                              "--out", OUT],
+                                   "bits must be a whole number from 2 to 8, got 12", None),
+    "strategy bits with --bits": (lambda t: ["prune", "--strategy", _bits_strategy(t, 4),
+                                             "--bits", "4", "--out", OUT],
+                                  "a strategy file fixes its bits", None),
+    "size budget unreachable at min_bits": (lambda t: ["search", _config(
+        t, "env: {model: resnet20, macs_budget: 1.0, reward_size: 20, calibration: null,\n"
+           "      quantize: {budget: weight_bytes, budget_ratio: 0.02, min_bits: 4}}\n"),
+        "--storage", OUT], "weight bytes budget 0.020 (quantize budget_ratio) is unreachable",
+        None),
+    "quantize min_bits above max_bits": (lambda t: ["search", _config(
+        t, "env: {model: resnet20, quantize: {min_bits: 6, max_bits: 4}}\n"), "--storage", OUT],
+        "quantize min_bits 6 exceeds max_bits 4", None),
+    "quantize bits out of range": (lambda t: ["search", _config(
+        t, "env: {model: resnet20, quantize: {max_bits: 16}}\n"), "--storage", OUT],
+        "quantize max_bits must be a whole number from 2 to 8, got 16", None),
 }
+
+
+def _bits_strategy(tmp: Path, bits: int) -> Path:
+    """A 4-bit ResNet-20 strategy with one layer at ``bits``."""
+    from autodfp.pruning import uniform_strategy
+
+    data = uniform_strategy("resnet20", 0.5, bits=4).to_dict()
+    data["layers"]["layer1.0.conv1"]["bits"] = bits
+    return _file(tmp, "bits.json", json.dumps(data))
 
 
 def _tree(root: Path) -> set[str]:

@@ -163,3 +163,25 @@ def test_mixed_precision_env_keeps_every_episode_within_its_byte_budget(tmp_path
 def test_mixed_precision_budget_unreachable_at_min_bits_is_one_line():
     with pytest.raises(Exception, match="unreachable.*min_bits=4"):
         AutoDFPEnv({**QUANT_ENV, "quantize": {"budget_ratio": 0.02, "min_bits": 4}})
+
+
+def test_weight_size_budget_search_exports_within_its_budget(tmp_path):
+    """A tiny SAC search under a weight-bytes budget, then its export, counted independently
+    from the compact file."""
+    config = tmp_path / "mixed.yaml"
+    config.write_text(
+        "name: mixed\nepisodes: 4\nwarmup_episodes: 2\ncheckpoint_every: 1\n"
+        "buffer_capacity: 2000\n"
+        "env: {model: resnet20, reward_size: 40, macs_budget: 1.0, calibration: null,\n"
+        "      quantize: {budget: weight_bytes, budget_ratio: 0.09, compensate: dfq}}\n")
+    result = run_cli("search", config, "--storage", tmp_path / "runs")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "budget share 0.0" in result.stdout
+    episodes = [json.loads(line) for line in next((tmp_path / "runs" / "mixed").glob(
+        "AutoDFPSAC*/episodes.jsonl")).read_text().splitlines()]
+    assert len(episodes) >= 4 and all(len(e["bits"]) == 20 for e in episodes)
+    out = tmp_path / "export"
+    result = run_cli("export", tmp_path / "runs" / "mixed", "--out", out, "--no-onnx", "--no-eval")
+    assert result.returncode == 0, result.stderr[-3000:]
+    base, _ = build_model("resnet20")
+    assert independent_bytes(out) <= 0.09 * float_bytes(base)
