@@ -42,11 +42,15 @@ from launch.rerank import episode_strategy
 from launch.search import load_episodes, load_run_config, run_search
 
 ENV = {"model": "resnet56", "macs_budget": 0.5, "keep_lower": 0.2, "reconstruct": "autodfp"}
+MIXED_ENV = {"model": "resnet20", "macs_budget": 1.0, "keep_lower": 0.2, "reconstruct": "autodfp",
+             "quantize": {"budget": "weight_bytes", "budget_ratio": 0.1}}
+"""``--mixed-precision``: pruning + per-layer bits under a weight-size budget (10 % of the float
+model's bytes), on ResNet-20 to keep it a CPU-sized run."""
 
 
 def strategy_from_episode(env: AutoDFPEnv, episode: dict) -> Strategy:
-    return episode_strategy(Strategy(**env.strategy_fields(), layers={}), env.group_names,
-                            episode)
+    return episode_strategy(Strategy(**env.strategy_fields(), layers={}),
+                            env.strategy_layer_names(), episode)
 
 
 def best_so_far(env: AutoDFPEnv, episodes: list[dict], milestones: list[int]) -> dict:
@@ -69,10 +73,11 @@ def random_episodes(env: AutoDFPEnv, n: int, seed: int) -> list[dict]:
         env.reset()
         done = False
         while not done:
-            _, reward, done, _, info = env.step(rng.random(2))
+            _, reward, done, _, info = env.step(rng.random(env.action_space.shape[0]))
         layers = info["strategy"]["layers"]
         episodes.append({"accuracy": reward, "keep": [v["keep"] for v in layers.values()],
-                         "coef": [v["coef"] for v in layers.values()]})
+                         "coef": [v["coef"] for v in layers.values()],
+                         **({"bits": [v["bits"] for v in layers.values()]} if env.quant else {})})
     return episodes
 
 
@@ -132,11 +137,14 @@ def main() -> int:
     parser.add_argument("--random-file", type=Path,
                         help="random-search episodes: read from this JSON file if it exists, "
                              "else run them and write it (with --random-only: only that)")
+    parser.add_argument("--mixed-precision", action="store_true",
+                        help="joint pruning + bits under a weight-size budget (MIXED_ENV)")
     parser.add_argument("--random-only", action="store_true",
                         help="run the random search alone (--episodes of them) into --random-file")
     args = parser.parse_args()
-    suffix = "-uncalibrated" if args.no_calibration else ""
-    base_env = {**ENV, "reward_size": args.reward_size,
+    suffix = ("-uncalibrated" if args.no_calibration else "") + (
+        "-mixed" if args.mixed_precision else "")
+    base_env = {**(MIXED_ENV if args.mixed_precision else ENV), "reward_size": args.reward_size,
                 **({"calibration": None} if args.no_calibration else {})}
     if args.random_only:
         if not args.random_file:
@@ -184,23 +192,28 @@ def main() -> int:
                 acc = test_acc(strategy)
                 rows.append({"method": label, "episodes": m, "reward": reward,
                              "lossless": acc["test-lossless"], "jpeg": acc["test-jpeg"],
-                             "macs_ratio": env.macs_ratio_of(strategy)})
+                             "macs_ratio": env.macs_ratio_of(strategy),
+                             **_budget_column(env, strategy)})
                 if label == "SAC" and m == n and args.save_best:
                     strategy.save(args.save_best)
         acc = test_acc(uniform.strategy)
         rows.append({"method": uniform.name, "episodes": 0, "reward": uniform.reward,
                      "lossless": acc["test-lossless"], "jpeg": acc["test-jpeg"],
-                     "macs_ratio": uniform.macs_ratio})
+                     "macs_ratio": uniform.macs_ratio, **_budget_column(env, uniform.strategy)})
         calibration = ("no calibration" if env.config.calibration is None else
                        f"calibrated ({env._template.calibration.order} on "
                        f"{env._template.calibration.count} synthetic images)")
-        print(f"## ResNet-56, MACs <= {env.config.macs_budget}, reward set "
+        budget = (f"weight bytes <= {env.quant.budget_ratio}" if env.quant
+                  else f"MACs <= {env.config.macs_budget}")
+        print(f"## {env.config.model}, {budget}, reward set "
               f"{env.config.reward_size} training images, {calibration}\n")
-        print("| method | episodes | reward-set acc | lossless 1,017 % | JPEG 10,000 % | MACs ratio |")
-        print("|---|---|---|---|---|---|")
+        print("| method | episodes | reward-set acc | lossless 1,017 % | JPEG 10,000 % | MACs ratio |"
+              + (" weight-bytes ratio |" if env.quant else ""))
+        print("|---|---|---|---|---|---|" + ("---|" if env.quant else ""))
         for r in rows:
             print(f"| {r['method']} | {r['episodes']} | {r['reward']:.4f} | {r['lossless']:.2f} | "
-                  f"{r['jpeg']:.2f} | {r['macs_ratio']:.3f} |")
+                  f"{r['jpeg']:.2f} | {r['macs_ratio']:.3f} |"
+                  + (f" {r['budget_ratio']:.3f} |" if env.quant else ""))
         print(f"\nrandom search: {n / random_s:.2f} episodes/s (env alone, no RLlib)\n", flush=True)
 
         speed = [throughput(int(r), args.throughput_episodes, env_config,
@@ -211,7 +224,7 @@ def main() -> int:
         atomic_write_text(args.out / f"search{suffix}.json", json.dumps(
             {"rows": rows, "throughput": speed, "run": str(run_dir), "env": env_config,
              "random_episodes_per_s": n / random_s}, indent=1))
-        plot(rows, args.out / f"search{suffix}.png", calibration)
+        plot(rows, args.out / f"search{suffix}.png", f"{budget}, {calibration}", env.config.model)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return 0
@@ -228,7 +241,11 @@ def print_throughput(speed: list[dict]) -> None:
               f"{s['eval_s_mean']:.2f} |", flush=True)
 
 
-def plot(rows: list[dict], path: Path, subtitle: str) -> None:
+def _budget_column(env: AutoDFPEnv, strategy: Strategy) -> dict:
+    return {"budget_ratio": env.budget_ratio_of(strategy)} if env.quant else {}
+
+
+def plot(rows: list[dict], path: Path, subtitle: str, model: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -240,7 +257,7 @@ def plot(rows: list[dict], path: Path, subtitle: str) -> None:
     uniform = next(r for r in rows if r["episodes"] == 0)
     ax.axhline(uniform["lossless"], color="grey", linestyle="--", label="best uniform")
     ax.set(xscale="log", xlabel="episodes", ylabel="best-so-far top-1 %, lossless 1,017",
-           title=f"ResNet-56 at <= 50% MACs, no fine-tuning\n{subtitle}")
+           title=f"{model}, no fine-tuning\n{subtitle}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

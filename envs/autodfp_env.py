@@ -245,12 +245,12 @@ class AutoDFPEnv(gym.Env):
                      + sum(4 * m.weight.shape[0] + 1 for m in layers.values()))
             label = "weight bytes"
         else:
-            macs = layer_macs(self._base_model, self._spec.example_input())
+            per_layer = layer_macs(self._base_model, self._spec.example_input())
             per_bit = FLOAT_BITS * FLOAT_BITS  # float weights x float activations
-            base = float(sum(macs.values()) * per_bit)
-            unit = np.array([sum(macs[n] for n in names) * per_bit for names in self._owned],
-                            dtype=float)
-            fixed = sum(macs[n] * per_bit * fixed_share for n in unowned)
+            base = float(sum(per_layer.values()) * per_bit)
+            unit = np.array([sum(per_layer[n] for n in names) * per_bit
+                             for names in self._owned], dtype=float)
+            fixed = sum(per_layer[n] * per_bit * fixed_share for n in unowned)
             label = "BitOPs"
         return [macs, _Budget(label, "quantize budget_ratio", self.quant.budget_ratio, fixed,
                               unit, base, uses_bits=True)]
@@ -404,6 +404,10 @@ class AutoDFPEnv(gym.Env):
         if self.quant:
             layers = self.with_bits(layers, [int(b) for b in self._bits])
         return Strategy(**self.strategy_fields(), layers=layers)
+
+    def strategy_layer_names(self) -> list[str]:
+        """Layer names of this env's strategies, in their order."""
+        return list(quantizable_layers(self._base_model)) if self.quant else list(self.group_names)
 
     def with_bits(self, layers: dict[str, LayerAction], bits: list[int]) -> dict:
         """Each group's bits on the layers it owns, ``fixed_bits`` on every other layer."""

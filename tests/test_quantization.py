@@ -160,6 +160,22 @@ def test_mixed_precision_env_keeps_every_episode_within_its_byte_budget(tmp_path
     assert len(seen_bits) > 2
 
 
+def test_bitops_budget_holds_on_the_pruned_quantized_model():
+    env = AutoDFPEnv({**QUANT_ENV, "quantize": {"budget": "bitops", "budget_ratio": 0.1,
+                                                "compensate": "none"}})
+    base, spec = build_model("resnet20")
+    limit = 0.1 * model_cost(base, spec).bitops
+    rng = np.random.default_rng(2)
+    for episode in range(3):
+        env.reset()
+        for action in (np.ones((9, 3)) if episode == 0 else rng.random((9, 3))):
+            _, _, terminated, _, info = env.step(action)
+        strategy = Strategy.from_dict(info["strategy"])
+        pruned = apply_strategy(strategy)
+        assert model_cost(pruned.model, spec, strategy.layer_bits).bitops <= limit
+        assert info["budget_ratio"] <= 0.1 + 1e-9
+
+
 def test_mixed_precision_budget_unreachable_at_min_bits_is_one_line():
     with pytest.raises(Exception, match="unreachable.*min_bits=4"):
         AutoDFPEnv({**QUANT_ENV, "quantize": {"budget_ratio": 0.02, "min_bits": 4}})
