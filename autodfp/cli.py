@@ -217,8 +217,9 @@ def cmd_prune(args) -> int:
                    f"{'synthetic' if strategy.calibration.images == 'synthetic' else 'user'} "
                    "images" if strategy.calibration else "calibration=none")
     bits = strategy.layer_bits
-    quantization = (f", {len(bits)} layer(s) quantized to {'/'.join(map(str, sorted(set(bits.values()))))}"
-                    f" bits ({strategy.quant_config().compensate})" if bits else "")
+    widths = "/".join(map(str, sorted(set(bits.values()))))
+    quantization = (f", {len(bits)} layer(s) quantized to {widths} bits "
+                    f"({strategy.quant_config().compensate})" if bits else "")
     groups = sum(1 for a in strategy.layers.values() if a.keep < 1.0)
     _say(f"pruning {strategy.model}: {groups} group(s), select={strategy.select}, "
          f"reconstruct={strategy.reconstruct}, {calibration}{quantization}")

@@ -62,21 +62,25 @@ def checkpoint_digest(model_name: str, checkpoint: str | None) -> str | None:
 
 
 def apply_strategy(strategy: Strategy, base: tuple[nn.Module, ModelSpec] | None = None, *,
-                   calibrator: Calibrator | None = None, progress: bool = False) -> PrunedModel:
+                   calibrator: Calibrator | None = None, quant_images=None,
+                   progress: bool = False) -> PrunedModel:
     """Prune ``base`` (or a freshly loaded model) in place according to ``strategy``, then
-    calibrate it if the strategy says so. ``calibrator`` (made for the same unpruned model and
-    the strategy's calibration) saves recomputing the calibration images and targets."""
+    calibrate and quantize it if the strategy says so. ``calibrator`` (made for the same
+    unpruned model and the strategy's calibration) saves recomputing the calibration images and
+    targets; ``quant_images`` (the default synthetic images of the unpruned model) saves
+    reading them for a ``calibrate`` quantization without a calibration."""
     model, spec = base if base is not None else load_base(strategy)
     if strategy.calibration is not None and calibrator is None:
         calibrator = Calibrator.for_model(model, spec, strategy.calibration, progress=progress)
         strategy = dataclasses.replace(strategy, calibration=calibrator.config)  # + image digest
     elif calibrator is not None and calibrator.config != strategy.calibration:
         raise ValueError("the calibrator was made for another calibration than the strategy's")
-    quant_images = calibrator.images if calibrator is not None else None
+    if calibrator is not None:
+        quant_images = calibrator.images
     if (strategy.layer_bits and quant_images is None
             and strategy.quant_config().compensate.startswith("calibrate")):
         # made from the unpruned model, like a calibration's (read from the cache after once)
-        quant_images, _ = calibration_images(DEFAULT_CALIBRATION, model, spec, progress=progress)
+        quant_images = default_quant_images(model, spec, progress=progress)
     graph = ChannelGraph(model, spec.example_input())
     layers = quantizable_layers(model)
     unknown = [name for name, action in strategy.layers.items()
@@ -113,6 +117,12 @@ def apply_strategy(strategy: Strategy, base: tuple[nn.Module, ModelSpec] | None 
     return PrunedModel(model, spec, strategy,
                        {n: g.channels for n, g in graph.groups.items()}, compensated,
                        {g.name: g.reason for g in graph.excluded}, refitted, seconds, quantized)
+
+
+def default_quant_images(model: nn.Module, spec: ModelSpec, *, progress: bool = False):
+    """The images a ``calibrate`` quantization uses when the strategy has no calibration: the
+    default synthetic ones of the unpruned ``model`` (made once, then read from the cache)."""
+    return calibration_images(DEFAULT_CALIBRATION, model, spec, progress=progress)[0]
 
 
 def prunable_groups(model_name: str, checkpoint: str | None = None) -> dict[str, int]:

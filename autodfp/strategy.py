@@ -11,7 +11,8 @@
 ``keep`` is the kept share of the group's output channels; the kept count is
 ``round_half_up(keep * channels)``, at least 1. ``bits`` (absent: float) quantizes the layer
 of that name (any conv or linear layer: a layer that is not a group's producer is listed with
-keep 1) after pruning and calibration, as ``quantization`` says (:mod:`autodfp.quantization`). ``coef`` is the reconstruction coefficient
+keep 1) after pruning and calibration, as ``quantization`` says (:mod:`autodfp.quantization`).
+``coef`` is the reconstruction coefficient
 (it blends the ``autodfp`` reconstruction and, with a calibration, sets the refit's ridge:
 :func:`autodfp.calibration.ridge_for`). Layers not listed are left whole. ``calibration``
 (absent or null: none) says how the pruned model is calibrated on synthetic or user images;

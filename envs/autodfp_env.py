@@ -37,7 +37,8 @@ from autodfp.data import reward_split
 from autodfp.errors import AutoDFPError
 from autodfp.graph import ChannelGraph
 from autodfp.metrics import accuracy, model_cost
-from autodfp.pruning import apply_strategy, checkpoint_digest, load_base
+from autodfp.pruning import (apply_strategy, checkpoint_digest, default_quant_images,
+                             load_base)
 from autodfp.quantization import (FLOAT_BITS, QuantConfig, check_bits, layer_macs,
                                   quantizable_layers, weight_bytes)
 from autodfp.settings import from_mapping
@@ -174,6 +175,10 @@ class AutoDFPEnv(gym.Env):
             self._calibrator = Calibrator.for_model(self._base_model, self._spec,
                                                     base_strategy.calibration)
             base_strategy.calibration = self._calibrator.config  # with the user images' digest
+        self._quant_images = None
+        if (self.quant and self._calibrator is None
+                and self.quant.compensate.startswith("calibrate")):
+            self._quant_images = default_quant_images(self._base_model, self._spec)
         self._cache: dict[str, float] = {}
         self.last_timing: dict = {}
         self.action_space = gym.spaces.Box(0.0, 1.0, shape=(3 if self.quant else 2,),
@@ -426,7 +431,8 @@ class AutoDFPEnv(gym.Env):
         if key not in self._cache:
             start = time.perf_counter()
             pruned = apply_strategy(strategy, (copy.deepcopy(self._base_model), self._spec),
-                                    calibrator=self._calibrator)
+                                    calibrator=self._calibrator,
+                                    quant_images=self._quant_images)
             middle = time.perf_counter()
             self._cache[key] = accuracy(pruned.model, self._images, self._spec,
                                         device=self.device) / 100.0
