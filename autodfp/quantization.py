@@ -46,7 +46,7 @@ import torch
 import torch.nn as nn
 
 from autodfp.errors import AutoDFPError
-from autodfp.settings import from_mapping
+from autodfp.settings import check_choice, from_mapping
 
 MIN_BITS, MAX_BITS = 2, 8
 FLOAT_BITS = 32
@@ -75,12 +75,8 @@ class QuantConfig:
     """``calibrate``: seed of the sampled positions."""
 
     def __post_init__(self):
-        if self.compensate not in COMPENSATIONS:
-            raise AutoDFPError(f"quantization compensation must be one of "
-                               f"{', '.join(COMPENSATIONS)}, got {self.compensate!r}")
-        if self.clip not in CLIPS:
-            raise AutoDFPError(f"quantization clip must be one of {', '.join(CLIPS)}, "
-                               f"got {self.clip!r}")
+        check_choice(self.compensate, COMPENSATIONS, "quantization compensation")
+        check_choice(self.clip, CLIPS, "quantization clip")
         if not isinstance(self.positions, int) or self.positions <= 0:
             raise AutoDFPError(f"quantization positions must be a positive integer, "
                                f"got {self.positions!r}")

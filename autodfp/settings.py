@@ -10,6 +10,12 @@ import typing
 from autodfp.errors import AutoDFPError
 
 
+def check_choice(value, choices, what: str) -> None:
+    """One clear line unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise AutoDFPError(f"{what} must be one of {', '.join(choices)}, got {value!r}")
+
+
 def from_mapping(cls, data, what: str):
     """``cls(**data)``, naming unknown keys and wrong arguments in one line."""
     if not isinstance(data, dict):

@@ -41,7 +41,7 @@ from autodfp.pruning import (apply_strategy, checkpoint_digest, default_quant_im
                              load_base)
 from autodfp.quantization import (FLOAT_BITS, QuantConfig, check_bits, layer_macs,
                                   quantizable_layers, weight_bytes)
-from autodfp.settings import from_mapping
+from autodfp.settings import check_choice, from_mapping
 from autodfp.similarity import similarity_stats
 from autodfp.strategy import LayerAction, Strategy
 
@@ -68,9 +68,7 @@ class QuantSearch:
     """Quantization compensation (:class:`autodfp.quantization.QuantConfig`)."""
 
     def __post_init__(self):
-        if self.budget not in BUDGETS:
-            raise AutoDFPError(f"quantize budget must be one of {', '.join(BUDGETS)}, "
-                               f"got {self.budget!r}")
+        check_choice(self.budget, BUDGETS, "quantize budget")
         for name in ("min_bits", "max_bits", "fixed_bits"):
             check_bits(getattr(self, name), f"quantize {name}")
         if self.min_bits > self.max_bits:
