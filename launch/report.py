@@ -58,7 +58,13 @@ def plot_run(run_dir: Path) -> list[Path]:
     ax.set_xticks(x, names, rotation=90, fontsize=7)
     ax.set(ylim=(0, 1.05), title=f"Best strategy (episode {best['episode']}, "
                                  f"reward {best['accuracy']:.4f}, MACs {best['macs_ratio']:.3f})")
-    ax.legend(fontsize=8)
+    bits = [best["strategy"]["layers"][n].get("bits") for n in names]
+    if any(b is not None for b in bits):  # mixed precision: the weight bits on a second axis
+        right = ax.twinx()
+        right.plot(x, [b or np.nan for b in bits], "k.-", label="weight bits")
+        right.set(ylabel="weight bits", ylim=(0, 8.5))
+        right.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="upper left")
     written.append(_save(fig, out / "keep_ratios.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
