@@ -14,10 +14,10 @@ derivations are in ``docs/quantization.md``:
 ``none``
     plain rounding.
 ``udfc``
-    UDFC's closed-form scale: with isotropic inputs, ``E (z - s z_q)^2`` is least at
-    ``s = <w, w_q> / |w_q|^2``; ``s`` is folded into the channel's step, so the codes (and the
-    count of distinct values) do not change. (UDFC folds it into the next layer's matching input
-    channel; with a BN between, the step is where it stays exact.)
+    UDFC's closed-form scale on the next layer's matching input channel:
+    ``s = E[h h_q] / E[h_q^2]`` (least ``E (h - s h_q)^2``) for the activations after BN and
+    ReLU, under the BN Gaussian model of our UDFC pruning compensation; applied where a
+    producer feeds its consumers through BN and ReLU (a prunable group's structure).
 ``dfq``
     DFQ's bias correction (Nagel et al. 2019): the expected output shift
     ``E[(w_q - w) . x]``, with ``E x`` from the BN that feeds the layer through a ReLU
@@ -144,12 +144,28 @@ def quantize_weight(weight: torch.Tensor, bits: int, clip: str = "max") -> Quant
     return QuantizedWeight(codes.to(torch.int8).reshape(weight.shape), best_scale, bits)
 
 
-def udfc_scale(weight: torch.Tensor, quantized: QuantizedWeight) -> torch.Tensor:
-    """Per channel ``s = <w, w_q> / |w_q|^2`` (1 for an all-zero channel)."""
+def udfc_scales(weight: torch.Tensor, quantized: QuantizedWeight, bn: nn.Module) -> np.ndarray:
+    """UDFC's per-channel factor for the next layer's matching input channel:
+    ``s = E[h h_q] / E[h_q^2]`` with ``h = relu(a)``, ``h_q = relu(a_q)`` under the BN Gaussian
+    model (``a ~ N(beta, gamma^2 var / (var + eps))``; isotropic inputs give ``a_q`` the std
+    scaled by ``|w_q| / |w|`` and correlation ``cos(w, w_q)`` with ``a``)."""
+    from autodfp.reconstruction import BNStats, relu_cross_moments
+
     w = weight.detach().double().reshape(weight.shape[0], -1)
     wq = quantized.dequantize().double().reshape(weight.shape[0], -1)
-    norm = (wq * wq).sum(1)
-    return torch.where(norm > 0, (w * wq).sum(1) / norm.clamp_min(1e-300), torch.ones_like(norm))
+    norm, norm_q = w.norm(dim=1), wq.norm(dim=1)
+    mean, sd = BNStats.of(bn).activation_gaussian()
+    scales = np.ones(len(mean))
+    for c in range(len(mean)):
+        if norm[c] == 0 or norm_q[c] == 0 or sd[c] == 0:
+            continue
+        rho = float((w[c] @ wq[c]) / (norm[c] * norm_q[c]))
+        sds = np.array([sd[c], sd[c] * float(norm_q[c] / norm[c])])
+        moments = relu_cross_moments(np.array([mean[c], mean[c]]), sds,
+                                     np.array([[1.0, rho], [rho, 1.0]]))
+        if moments[1, 1] > 1e-12:
+            scales[c] = moments[0, 1] / moments[1, 1]
+    return scales
 
 
 def quantize_model(model: nn.Module, bits: dict[str, int], config: QuantConfig,
@@ -176,15 +192,25 @@ def quantize_model(model: nn.Module, bits: dict[str, int], config: QuantConfig,
     following = {layers[n]: after[layers[n]] for n in names if layers[n] in after}
     float_model = copy.deepcopy(model).eval() if method.startswith("calibrate") else None
     input_means = _input_means(model, example_input, names) if "dfq" in method else {}
+    foldable = {}
+    if "udfc" in method:  # producer -> BN -> ReLU -> consumers: the consumers take the factor
+        from autodfp.graph import ChannelGraph
+
+        foldable = {n: g for n, g in ChannelGraph(model, example_input).groups.items()
+                    if g.reconstructable}
     quantized = {}
     with torch.no_grad():
         for name in names:
             module = layers[name]
             original = module.weight.detach().clone()
             q = quantize_weight(original, check_bits(bits[name], f"bits of {name}"), clip)
-            if "udfc" in method:
-                q.rescale(udfc_scale(original, q))
             module.weight.copy_(q.dequantize().to(module.weight.dtype))
+            if "udfc" in method and name in foldable:
+                group = foldable[name]
+                scales = torch.from_numpy(udfc_scales(original, q, group.bn))
+                for consumer in group.consumers.values():  # quantized later, in forward order
+                    shape = (1, -1) + (1,) * (consumer.weight.dim() - 2)
+                    consumer.weight.mul_(scales.view(shape).to(consumer.weight.dtype))
             if "dfq" in method and input_means.get(name) is not None:
                 shift = _expected_output_shift(module, module.weight - original,
                                                input_means[name])

@@ -83,6 +83,31 @@ def test_three_bit_calibration_beats_plain_rounding_on_real_images(lossless):
     assert scores["calibrate"] > scores["none"] + 5, scores
 
 
+def test_udfc_scale_matches_a_monte_carlo_estimate_under_its_model():
+    """E[h h_q] / E[h_q^2] by quadrature against sampling the model it assumes: isotropic
+    inputs through the float and the 3-bit filter, then the BN's Gaussian and a ReLU."""
+    from autodfp.quantization import udfc_scales
+    from autodfp.reconstruction import BNStats
+
+    model, _ = build_model("resnet20")
+    conv, bn = model.layer2[1].conv1, model.layer2[1].bn1
+    q = quantize_weight(conv.weight, 3, "max")
+    scales = udfc_scales(conv.weight, q, bn)
+    w = conv.weight.detach().double().reshape(conv.out_channels, -1)
+    wq = q.dequantize().double().reshape(conv.out_channels, -1)
+    x = torch.randn(200_000, w.shape[1], dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(0))
+    mean, sd = (torch.from_numpy(v) for v in BNStats.of(bn).activation_gaussian())
+    norm = w.norm(dim=1)
+    h = torch.relu(mean + sd * (x @ w.T) / norm)
+    hq = torch.relu(mean + sd * (x @ wq.T) / norm)
+    alive = (hq * hq).mean(0) > 1e-6  # a channel that is never positive keeps factor 1
+    sampled = (h * hq).mean(0)[alive] / (hq * hq).mean(0)[alive]
+    assert alive.sum() >= 0.9 * len(alive)
+    assert np.allclose(scales[alive.numpy()], sampled.numpy(), rtol=0.02, atol=0.01)
+    assert scales.min() < 0.99  # the regression shrinks: see docs/quantization.md
+
+
 def test_dfq_bias_correction_moves_the_bn_mean_by_the_expected_shift():
     model, spec = build_model("resnet20")
     plain, corrected = copy.deepcopy(model), copy.deepcopy(model)
