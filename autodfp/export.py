@@ -8,8 +8,9 @@ A pruned-model folder holds:
 - ``model.ts``: TorchScript (traced), loadable with ``torch.jit.load`` alone.
 - ``model.onnx``: ONNX (opset 17, dynamic batch) when the exporter works here.
 - ``model.q.pt`` (quantized models only): each quantized layer's integer codes packed at its
-  bits with a float32 step per output channel, the rest as tensors; :func:`load_quantized`
-  rebuilds the same fake-quantized weights bit for bit. Its size is in ``report.json``.
+  bits into one uint8 buffer, the float32 steps (one per output channel) and every other
+  float32 tensor in one float buffer, with their index; :func:`load_quantized` rebuilds the
+  same fake-quantized weights bit for bit. Its size is in ``report.json``.
 - ``strategy.json`` and ``report.json``.
 
 The folder is assembled in a scratch folder and renamed into place: it appears whole or not at all.
@@ -72,20 +73,39 @@ def _model_payload(pruned: PrunedModel) -> dict:
 
 
 def _quantized_payload(pruned: PrunedModel) -> dict:
+    """Two flat buffers (every layer's packed codes; every float32 tensor: steps, biases, BN)
+    and their index: one record each keeps the container's per-tensor overhead out."""
     from autodfp.quantization import pack_codes
 
+    codes, floats, layers, tensors, other = [], [], {}, {}, {}
+    code_at = float_at = 0
+
+    def add_float(tensor: torch.Tensor) -> list[int]:
+        nonlocal float_at
+        flat = tensor.detach().reshape(-1).to(torch.float32)
+        floats.append(flat)
+        float_at += flat.numel()
+        return [float_at - flat.numel(), float_at]
+
+    for name, q in pruned.quantized.items():
+        packed = pack_codes(q)
+        codes.append(packed)
+        code_at += packed.numel()
+        layers[name] = {"bits": q.bits, "shape": list(q.codes.shape),
+                        "codes": [code_at - packed.numel(), code_at], "scale": add_float(q.scale)}
     weights = {f"{name}.weight" for name in pruned.quantized}
-    return {
-        "format": QUANT_FORMAT,
-        "model": pruned.strategy.model,
-        "channels": dict(pruned.channels),
-        "strategy": pruned.strategy.to_json(),
-        "quantized": {name: {"bits": q.bits, "shape": list(q.codes.shape),
-                             "codes": pack_codes(q), "scale": q.scale.clone()}
-                      for name, q in pruned.quantized.items()},
-        "float": {k: v.detach().clone() for k, v in pruned.model.state_dict().items()
-                  if k not in weights},
-    }
+    for key, value in pruned.model.state_dict().items():
+        if key in weights:
+            continue
+        if value.dtype == torch.float32:
+            tensors[key] = {"shape": list(value.shape), "at": add_float(value)}
+        else:
+            other[key] = value.detach().clone()
+    return {"format": QUANT_FORMAT, "model": pruned.strategy.model,
+            "channels": dict(pruned.channels), "strategy": pruned.strategy.to_json(),
+            "codes": torch.cat(codes) if codes else torch.zeros(0, dtype=torch.uint8),
+            "floats": torch.cat(floats) if floats else torch.zeros(0),
+            "layers": layers, "tensors": tensors, "other": other}
 
 
 def load_quantized(path: str | Path) -> tuple[nn.Module, ModelSpec, Strategy]:
@@ -97,11 +117,18 @@ def load_quantized(path: str | Path) -> tuple[nn.Module, ModelSpec, Strategy]:
         path = path / "model.q.pt"
     payload = _load_payload(path, QUANT_FORMAT)
     try:
-        state = dict(payload["float"])
-        for name, entry in payload["quantized"].items():
+        codes, floats = payload["codes"], payload["floats"]
+        state = dict(payload["other"])
+        for key, entry in payload["tensors"].items():
+            start, end = entry["at"]
+            state[key] = floats[start:end].reshape(entry["shape"]).clone()
+        for name, entry in payload["layers"].items():
             bits, shape = check_bits(entry["bits"]), tuple(entry["shape"])
-            codes = unpack_codes(entry["codes"], bits, shape)
-            state[f"{name}.weight"] = QuantizedWeight(codes, entry["scale"], bits).dequantize()
+            start, end = entry["codes"]
+            layer_codes = unpack_codes(codes[start:end], bits, shape)
+            start, end = entry["scale"]
+            state[f"{name}.weight"] = QuantizedWeight(layer_codes, floats[start:end].clone(),
+                                                      bits).dequantize()
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise AutoDFPError(f"{path} is damaged: {type(exc).__name__}: {exc}") from None
     return _rebuild(payload, state, path)

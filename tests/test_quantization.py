@@ -145,8 +145,9 @@ def independent_bytes(folder) -> int:
     """Bytes a quantized folder needs, counted from its compact file: packed codes, one float32
     step per channel, and every other tensor at its size (batch counters aside)."""
     payload = torch.load(folder / "model.q.pt", weights_only=True)
-    total = sum(e["codes"].numel() + 4 * e["scale"].numel() for e in payload["quantized"].values())
-    return total + sum(t.numel() * t.element_size() for k, t in payload["float"].items()
+    total = payload["codes"].numel() * payload["codes"].element_size()
+    total += payload["floats"].numel() * payload["floats"].element_size()
+    return total + sum(t.numel() * t.element_size() for k, t in payload["other"].items()
                        if not k.endswith("num_batches_tracked"))
 
 
@@ -226,3 +227,19 @@ def test_weight_size_budget_search_exports_within_its_budget(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     base, _ = build_model("resnet20")
     assert independent_bytes(out) <= 0.09 * float_bytes(base)
+
+
+def test_a_damaged_compact_file_is_one_clear_error(tmp_path):
+    from autodfp.errors import AutoDFPError
+
+    strategy = uniform_strategy("resnet20", 0.8, bits=4)
+    strategy.quantization = QuantConfig(compensate="none")
+    write_model_folder(apply_strategy(strategy), {}, tmp_path / "m", onnx=False)
+    data = (tmp_path / "m" / "model.q.pt").read_bytes()
+    (tmp_path / "m" / "model.q.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(AutoDFPError, match="cannot load"):
+        load_quantized(tmp_path / "m")
+    payload = torch.load(tmp_path / "m" / "model.pt", weights_only=True)
+    torch.save({**payload, "format": "autodfp-qmodel/1"}, tmp_path / "m" / "model.q.pt")
+    with pytest.raises(AutoDFPError, match="damaged"):
+        load_quantized(tmp_path / "m")
