@@ -3,6 +3,7 @@
     python bench/search.py [--run RUN_DIR] [--episodes 400] [--reward-size 1000]
                            [--runners 0,1,2] [--throughput-episodes 30] [--no-calibration]
                            [--save-best examples/NAME.json]
+    python bench/search.py --mixed-precision --episodes 150 --reward-size 500 --runners ""
 
 1. A SAC search (or an existing run folder, ``--run``), random search with as many episodes,
    and the best uniform strategy, all in the same env (same budget, reward set and, by
@@ -12,8 +13,9 @@
 3. Episodes per second with 0 (in-process), 1 and 2 env runners, and the share of wall time the
    env spends in surgery + calibration + evaluation (the rest is RLlib and Tune overhead).
 
-Writes ``bench/results/search.json`` (``search-uncalibrated.json`` with ``--no-calibration``)
-and ``search.png``; prints Markdown tables.
+Writes ``bench/results/search.json`` (``search-uncalibrated.json`` with ``--no-calibration``,
+``search-mixed.json`` with ``--mixed-precision``: ResNet-20, pruning + per-layer bits under a
+weight-size budget) and ``search.png``; prints Markdown tables.
 """
 
 from __future__ import annotations
