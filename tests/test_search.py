@@ -147,3 +147,13 @@ def test_search_with_a_remote_env_runner(tmp_path):
     episodes = (trial / "episodes.jsonl").read_text().splitlines()
     assert len(episodes) >= 4
     assert json.loads((trial / "best.json").read_text())["accuracy"] > 0.05
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in
+                                           (ROOT / "launch" / "presets").glob("*.yaml")))
+def test_every_preset_is_a_valid_search_config(preset):
+    from launch.config import SearchConfig
+
+    config = SearchConfig.load(preset)
+    assert config.name == preset and config.episodes > 0
+    config.env_config()
