@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_prune(args) -> int:
     from autodfp.calibration import Calibrator
-    from autodfp.pruning import apply_strategy, load_base
+    from autodfp.pruning import apply_strategy, default_quant_images, load_base
 
     strategy = _strategy_from_args(args)
     check_out(args.out, args.force)
@@ -223,8 +223,12 @@ def cmd_prune(args) -> int:
     groups = sum(1 for a in strategy.layers.values() if a.keep < 1.0)
     _say(f"pruning {strategy.model}: {groups} group(s), select={strategy.select}, "
          f"reconstruct={strategy.reconstruct}, {calibration}{quantization}")
+    quant_images = None
+    if (strategy.layer_bits and calibrator is None
+            and strategy.quant_config().compensate.startswith("calibrate")):
+        quant_images = default_quant_images(*base, progress=True)  # made once, then cached
     start = time.perf_counter()
-    pruned = apply_strategy(strategy, base, calibrator=calibrator)
+    pruned = apply_strategy(strategy, base, calibrator=calibrator, quant_images=quant_images)
     _say(f"pruned and calibrated in {time.perf_counter() - start:.1f} s")
     write_pruned(pruned, args)
     return 0
