@@ -68,13 +68,56 @@ class DBSCANSimilarity(Criterion):
         return _top(score, n_keep)
 
 
+class REPruneCoverage(Criterion):
+    """REPrune's selection (Park et al. 2024), data-free: kernel clusters, maximum coverage.
+
+    For every input channel, the producer's kernels on that channel (one per filter) are
+    clustered by Ward's method; every channel's dendrogram is cut at one layer-wide height, the
+    one at which the channels have ``n_keep`` clusters on average. A filter *covers* the
+    cluster its kernel falls in on each channel; filters are picked greedily for the most
+    clusters not yet covered (the maximum-coverage problem's greedy (1 - 1/e) rule), ties and
+    the picks after full coverage by L1 norm. Near-duplicate filters share their clusters, so
+    after one is kept the others add nothing: the selection keeps diverse filters.
+    (Ward linkage from SciPy, which also cuts a dendrogram at any height in one call.)
+    """
+
+    name = "reprune"
+
+    def select(self, weight: torch.Tensor, n_keep: int) -> torch.Tensor:
+        from scipy.cluster.hierarchy import fcluster, ward
+
+        kernels = weight.detach().double().numpy()
+        filters, channels = kernels.shape[:2]
+        l1 = np.abs(kernels.reshape(filters, -1)).sum(axis=1)
+        if n_keep >= filters or filters < 3:
+            return _top(l1, n_keep)
+        kernels = kernels.reshape(filters, channels, -1)
+        trees = [ward(kernels[:, c, :]) for c in range(channels)]
+        heights = np.sort(np.concatenate([tree[:, 2] for tree in trees]))
+        merges = channels * (filters - n_keep)  # n_keep clusters per channel on average
+        cut = heights[min(max(merges, 1), len(heights)) - 1]
+        labels = np.stack([fcluster(tree, t=cut, criterion="distance") for tree in trees], 1)
+        covers = [set(enumerate(labels[f])) for f in range(filters)]
+        covered: set = set()
+        chosen: list[int] = []
+        for _ in range(n_keep):
+            gain = np.array([-1.0 if f in chosen else len(covers[f] - covered)
+                             for f in range(filters)])
+            best = np.flatnonzero(gain == gain.max())
+            pick = int(best[np.argmax(l1[best])])
+            chosen.append(pick)
+            covered |= covers[pick]
+        return torch.from_numpy(np.sort(np.array(chosen))).long()
+
+
 def _top(scores: np.ndarray, n_keep: int) -> torch.Tensor:
     # A stable sort on the negated scores breaks ties by channel index: reproducible.
     order = np.argsort(-scores, kind="stable")[:n_keep]
     return torch.from_numpy(np.sort(order)).long()
 
 
-CRITERIA: dict[str, type[Criterion]] = {c.name: c for c in (L1Norm, L2Norm, DBSCANSimilarity)}
+CRITERIA: dict[str, type[Criterion]] = {c.name: c for c in (L1Norm, L2Norm, DBSCANSimilarity,
+                                                             REPruneCoverage)}
 
 
 def get_criterion(name: str) -> Criterion:

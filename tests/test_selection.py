@@ -45,3 +45,41 @@ def test_similarity_stats_see_redundancy():
 def test_unknown_criterion():
     with pytest.raises(AutoDFPError, match="unknown selection criterion"):
         get_criterion("taylor")
+
+
+def test_reprune_keeps_diverse_filters_where_l1_keeps_near_duplicates():
+    """A real layer (ResNet-56 layer2.0.conv1) with its largest filter copied four times, each
+    copy a little larger and slightly perturbed: L1 keeps all five copies among its top 16;
+    REPrune's kernel-cluster coverage keeps one or two of them, and covers more clusters."""
+    from autodfp.models import build_model
+
+    model, _ = build_model("resnet56")
+    weight = model.layer2[0].conv1.weight.detach().clone()
+    top = int(weight.flatten(1).abs().sum(1).argmax())
+    g = torch.Generator().manual_seed(0)
+    copies = [top]
+    for i, target in enumerate((1, 4, 6, 7)):
+        weight[target] = weight[top] * (1.01 + 0.01 * i) + 1e-3 * torch.randn(
+            weight[top].shape, generator=g)
+        copies.append(target)
+    l1_keep = set(get_criterion("l1").select(weight, 16).tolist())
+    reprune_keep = set(get_criterion("reprune").select(weight, 16).tolist())
+    assert set(copies) <= l1_keep
+    assert len(set(copies) & reprune_keep) <= 2
+    assert len(reprune_keep) == 16
+
+
+def test_reprune_selection_runs_in_prune_and_in_the_search_env():
+    import numpy as np
+
+    from autodfp.pruning import apply_strategy, uniform_strategy
+    from envs.autodfp_env import AutoDFPEnv
+
+    pruned = apply_strategy(uniform_strategy("resnet20", 0.5, select="reprune"))
+    assert all(c == 8 for n, c in pruned.channels.items() if n.startswith("layer1"))
+    env = AutoDFPEnv({"model": "resnet20", "select": "reprune", "reward_size": 40,
+                      "calibration": None})
+    env.reset()
+    for _ in env.group_names:
+        _, reward, terminated, _, info = env.step(np.full(2, 0.5))
+    assert terminated and info["strategy"]["select"] == "reprune" and reward > 0.1
