@@ -211,13 +211,8 @@ class Calibrator:
             if output.dim() == 4:
                 n, _, h, w = output.shape
                 count = min(positions_per_image(self.config.positions, module, n), h * w)
-                # positions drawn without replacement per image, in a fixed order
-                flat = torch.stack([torch.randperm(h * w, generator=generator)[:count]
-                                    for _ in range(n)])
-                image = torch.arange(n).repeat_interleave(count)
-                ys, xs = (flat // w).reshape(-1), (flat % w).reshape(-1)
-                rows = (image, ys, xs)
-                values = output[image, :, ys, xs]
+                rows = sample_positions(n, h, w, count, generator)
+                values = output[rows[0], :, rows[1], rows[2]]
             else:
                 rows, values = None, output
             self.targets[name] = _Target(values.double(), rows, None, None)
@@ -287,6 +282,16 @@ class Calibrator:
                 bn.running_var.copy_(var)
             done.append(name)
         return hook
+
+
+def sample_positions(images: int, height: int, width: int, count: int,
+                     generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """(image, y, x) of ``count`` output positions per image, drawn without replacement per
+    image in a fixed order."""
+    flat = torch.stack([torch.randperm(height * width, generator=generator)[:count]
+                        for _ in range(images)])
+    return (torch.arange(images).repeat_interleave(count), (flat // width).reshape(-1),
+            (flat % width).reshape(-1))
 
 
 MIN_ROWS_PER_INPUT = 4

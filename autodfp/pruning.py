@@ -113,7 +113,7 @@ def apply_strategy(strategy: Strategy, base: tuple[nn.Module, ModelSpec] | None 
     quantized = {}
     if strategy.layer_bits:
         quantized = quantize_model(model, strategy.layer_bits, strategy.quant_config(),
-                                   spec.example_input(), quant_images)
+                                   spec.example_input(), quant_images, graph)
     return PrunedModel(model, spec, strategy,
                        {n: g.channels for n, g in graph.groups.items()}, compensated,
                        {g.name: g.reason for g in graph.excluded}, refitted, seconds, quantized)

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from autodfp.calibration import sample_positions
 from autodfp.errors import AutoDFPError
 from autodfp.settings import check_choice, from_mapping
 
@@ -170,13 +171,14 @@ def udfc_scales(weight: torch.Tensor, quantized: QuantizedWeight, bn: nn.Module)
 
 def quantize_model(model: nn.Module, bits: dict[str, int], config: QuantConfig,
                    example_input: torch.Tensor, images: torch.Tensor | None = None,
-                   ) -> dict[str, QuantizedWeight]:
+                   graph=None) -> dict[str, QuantizedWeight]:
     """Quantize the named layers of ``model`` in place and compensate; returns their codes.
 
     ``images`` (normalised, NCHW) are needed for ``calibrate``; without them it falls back to
-    ``dfq``.
+    ``dfq``. ``graph``: the model's :class:`autodfp.graph.ChannelGraph` if the caller has one
+    (it is built here otherwise).
     """
-    from autodfp.graph import following_batchnorms
+    from autodfp.graph import ChannelGraph
 
     layers = quantizable_layers(model)
     unknown = sorted(set(bits) - set(layers))
@@ -188,16 +190,14 @@ def quantize_model(model: nn.Module, bits: dict[str, int], config: QuantConfig,
         method = "dfq"
     clip = config.clip_rule(method)
     names = [n for n in layers if n in bits]
-    after = following_batchnorms(model, example_input)
-    following = {layers[n]: after[layers[n]] for n in names if layers[n] in after}
+    graph = graph if graph is not None else ChannelGraph(model, example_input)
+    following = {layers[n]: graph.following_bn[layers[n]] for n in names
+                 if layers[n] in graph.following_bn}
     float_model = copy.deepcopy(model).eval() if method.startswith("calibrate") else None
     input_means = _input_means(model, example_input, names) if "dfq" in method else {}
     foldable = {}
     if "udfc" in method:  # producer -> BN -> ReLU -> consumers: the consumers take the factor
-        from autodfp.graph import ChannelGraph
-
-        foldable = {n: g for n, g in ChannelGraph(model, example_input).groups.items()
-                    if g.reconstructable}
+        foldable = {n: g for n, g in graph.groups.items() if g.reconstructable}
     quantized = {}
     with torch.no_grad():
         for name in names:
@@ -316,11 +316,7 @@ def _calibrate(float_model: nn.Module, model: nn.Module, quantized: dict[str, Qu
         def hook(module, inputs, output):
             if output.dim() == 4:
                 n, _, h, w = output.shape
-                count = min(config.positions, h * w)
-                flat = torch.stack([torch.randperm(h * w, generator=generator)[:count]
-                                    for _ in range(n)])
-                index = (torch.arange(n).repeat_interleave(count), (flat // w).reshape(-1),
-                         (flat % w).reshape(-1))
+                index = sample_positions(n, h, w, min(config.positions, h * w), generator)
                 rows[name] = index
                 targets[name] = output[index[0], :, index[1], index[2]].double()
             else:

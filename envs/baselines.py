@@ -34,6 +34,8 @@ def uniform_search(env: AutoDFPEnv) -> SearchOutcome:
     if env.quant is not None:
         return uniform_bits_search(env)
     keep = largest_uniform_keep(env)
+    if keep is None:
+        raise ValueError("no uniform keep ratio fits the budget")
     best = None
     for method, coef in UNIFORM_CANDIDATES:
         layers = {name: LayerAction(keep, coef) for name in env.group_names}
@@ -45,15 +47,14 @@ def uniform_search(env: AutoDFPEnv) -> SearchOutcome:
     return best
 
 
-def largest_uniform_keep(env: AutoDFPEnv, resolution: int = 512) -> float:
-    """The largest k on a 1/resolution grid whose uniform strategy fits the budget."""
+def largest_uniform_keep(env: AutoDFPEnv, resolution: int = 512,
+                         bits: int | None = None) -> float | None:
+    """The largest k on a 1/resolution grid whose uniform strategy (at ``bits`` on every layer
+    a step decides, for a mixed-precision env) fits every budget; None if none does."""
     for step in range(resolution, 0, -1):
-        keep = step / resolution
-        layers = {name: LayerAction(keep) for name in env.group_names}
-        if env.macs_ratio_of(Strategy(**env.strategy_fields(), layers=layers)) <= (
-                env.config.macs_budget + 1e-12):
-            return keep
-    raise ValueError("no uniform keep ratio fits the budget")
+        if env.fits_budgets(_uniform(env, step / resolution, 1.0, bits)):
+            return step / resolution
+    return None
 
 
 def uniform_bits_search(env: AutoDFPEnv) -> SearchOutcome:
@@ -62,16 +63,11 @@ def uniform_bits_search(env: AutoDFPEnv) -> SearchOutcome:
     coefficient 0.5); the best reward wins."""
     best = None
     for bits in range(env.quant.min_bits, env.quant.max_bits + 1):
-        strategy = None
-        for step in range(512, 0, -1):
-            candidate = _uniform(env, step / 512, 0.5, bits)
-            if env.fits_budgets(candidate):
-                strategy = candidate
-                break
-        if strategy is None:
+        keep = largest_uniform_keep(env, bits=bits)
+        if keep is None:
             continue
+        strategy = _uniform(env, keep, 0.5, bits)
         reward = env.evaluate(strategy)
-        keep = strategy.layers[env.group_names[0]].keep
         if best is None or reward > best.reward:
             best = SearchOutcome(f"uniform keep {keep:.3f}, {bits}-bit", strategy, reward,
                                  env.macs_ratio_of(strategy))
@@ -80,9 +76,10 @@ def uniform_bits_search(env: AutoDFPEnv) -> SearchOutcome:
     return best
 
 
-def _uniform(env: AutoDFPEnv, keep: float, coef: float, bits: int) -> Strategy:
-    layers = env.with_bits({n: LayerAction(keep, coef) for n in env.group_names},
-                            [bits] * len(env.group_names))
+def _uniform(env: AutoDFPEnv, keep: float, coef: float, bits: int | None) -> Strategy:
+    layers = {n: LayerAction(keep, coef) for n in env.group_names}
+    if bits is not None:
+        layers = env.with_bits(layers, [bits] * len(env.group_names))
     return Strategy(**env.strategy_fields(), layers=layers)
 
 
