@@ -120,7 +120,51 @@ def add_core_commands(sub) -> dict:
     ev.add_argument("--latency", action="store_true", help="also time batch 1 and 256")
 
     sub.add_parser("models", help="list the model zoo")
-    return {"prune": cmd_prune, "eval": cmd_eval, "synth": cmd_synth, "models": cmd_models}
+    add_finetune_command(sub)
+    return {"prune": cmd_prune, "eval": cmd_eval, "synth": cmd_synth, "models": cmd_models,
+            "finetune": cmd_finetune}
+
+
+def add_finetune_command(sub) -> None:
+    from autodfp.finetune import (LOSSES, METHODS, SYNTHETIC_TRAIN_IMAGES, TRAIN_DATA_CIFAR,
+                                  FinetuneConfig)
+
+    defaults = FinetuneConfig()
+    tune = sub.add_parser("finetune", help="recovery training of a pruned folder (or of a zoo "
+                                           "model with --method pdp/reprune)")
+    tune.add_argument("folder", nargs="?", type=Path, help="folder written by `autodfp prune`")
+    tune.add_argument("--model", help="start from an unpruned model instead (pdp, reprune)")
+    tune.add_argument("--checkpoint", help="with --model: its weights")
+    tune.add_argument("--data", required=True,
+                      help=f"{TRAIN_DATA_CIFAR} (the CIFAR-10 training JPEGs), synthetic "
+                           "(images made from the unpruned model's BN statistics; distillation "
+                           "only), or user images: an ImageFolder tree or .npz (x, y)")
+    tune.add_argument("--epochs", type=whole_number("epochs"), default=defaults.epochs)
+    tune.add_argument("--method", choices=METHODS, default=defaults.method,
+                      help="plain: train the pruned model; pdp: PDP soft masks toward --keep or "
+                           "--sparsity; reprune: REPrune's progressive loop toward --keep")
+    tune.add_argument("--loss", choices=LOSSES, default=defaults.loss,
+                      help="auto (default): ce+kd with labels, kd on synthetic images")
+    tune.add_argument("--keep", type=_fraction("keep ratio", zero_allowed=False),
+                      help="pdp/reprune: share of each prunable group's channels kept")
+    tune.add_argument("--macs", type=_fraction("MACs budget", zero_allowed=False),
+                      help="pdp/reprune: the largest uniform --keep whose model has at most "
+                           "this share of the unpruned model's MACs")
+    tune.add_argument("--sparsity", help="pdp: share of zero weights (0.8) or N:M (2:4)")
+    tune.add_argument("--lr", type=float, default=defaults.lr,
+                      help=f"peak learning rate (default {defaults.lr})")
+    tune.add_argument("--batch-size", type=whole_number("batch size"),
+                      default=defaults.batch_size)
+    tune.add_argument("--steps-per-epoch", type=whole_number("steps per epoch"),
+                      help="cap on steps per epoch (default: the whole set)")
+    tune.add_argument("--synthetic-images", type=whole_number("synthetic image count"),
+                      default=SYNTHETIC_TRAIN_IMAGES,
+                      help=f"with --data synthetic: images made (default "
+                           f"{SYNTHETIC_TRAIN_IMAGES}, cached)")
+    tune.add_argument("--seed", type=int, default=defaults.seed)
+    tune.add_argument("--restart", action="store_true",
+                      help="ignore an earlier run's checkpoint (default: resume from it)")
+    add_output_arguments(tune)
 
 
 def add_calibration_arguments(parser) -> None:
@@ -234,12 +278,13 @@ def cmd_prune(args) -> int:
     return 0
 
 
-def write_pruned(pruned, args, extra_report: dict | None = None) -> dict:
-    """Evaluate, write ``args.out`` atomically and print the table (prune and export)."""
+def write_pruned(pruned, args, extra_report: dict | None = None, splits=None) -> dict:
+    """Evaluate, write ``args.out`` atomically and print the table (prune, export, finetune)."""
     from autodfp.export import write_model_folder
     from autodfp.report import build_report, format_report
 
-    splits = [] if args.no_eval else None
+    if args.no_eval:
+        splits = []
     report = {**build_report(pruned, splits, latency=args.latency, progress=True),
               **(extra_report or {})}
     report = write_model_folder(pruned, report, args.out, overwrite=args.force,
@@ -359,6 +404,79 @@ def cmd_synth(args) -> int:
     how = "read from the cache" if cached else f"generated in {seconds:.1f} s (now cached)"
     print(f"{config.count} images {how}; wrote {args.out}/ (images.pt: normalised NCHW "
           "float32, grid.png, synth.json)")
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    from autodfp.export import load_pruned
+    from autodfp.finetune import (FinetuneConfig, resolve_loss, train, training_images,
+                                  uniform_keep_for_macs)
+    from autodfp.graph import ChannelGraph
+    from autodfp.metrics import model_cost
+    from autodfp.pruning import PrunedModel, load_base, uniform_strategy
+    from autodfp.report import REPORT_SPLITS, evaluate_splits
+    from autodfp.data import load_split
+    from autodfp.strategy import file_sha256
+
+    if (args.folder is None) == (args.model is None):
+        raise AutoDFPError("give a pruned-model folder or --model NAME (one of them)")
+    if args.keep is not None and args.macs is not None:
+        raise AutoDFPError("give either --keep or --macs, not both")
+    check_out(args.out, args.force)
+    if args.folder is not None:
+        if not (args.folder / "model.pt").is_file():
+            raise AutoDFPError(f"{args.folder} is not a pruned-model folder (no model.pt)")
+        model, spec, strategy = load_pruned(args.folder)
+        if strategy.layer_bits:
+            raise AutoDFPError(f"{args.folder} holds a quantized model; fine-tune the float "
+                               "model, then quantize it")
+        source, digest = str(args.folder), file_sha256(args.folder / "model.pt")
+    else:
+        strategy = uniform_strategy(args.model, 1.0, checkpoint=args.checkpoint)
+        model, spec = load_base(strategy)
+        source, digest = args.model, strategy.checkpoint_sha256 or args.model
+    teacher, _ = load_base(strategy)
+    base_macs = model_cost(teacher, spec).macs
+    keep = args.keep
+    if args.macs is not None:
+        if args.method == "plain":
+            raise AutoDFPError("--macs goes with --method pdp or reprune")
+        keep = uniform_keep_for_macs(model, spec, base_macs, args.macs)
+        _say(f"--macs {args.macs:g}: uniform keep {keep:.4f} of every prunable group")
+    config = FinetuneConfig(epochs=args.epochs, method=args.method, loss=args.loss,
+                            batch_size=args.batch_size, lr=args.lr,
+                            steps_per_epoch=args.steps_per_epoch, keep=keep,
+                            sparsity=args.sparsity, seed=args.seed)
+    resolve_loss(config, args.data != "synthetic", args.data)  # before any long work
+    if config.method == "pdp":
+        from autodfp.pdp import SparsityTarget
+
+        SparsityTarget.parse(config.sparsity, config.keep)  # a bad target fails before any work
+    images = training_images(args.data, teacher, spec, synthetic_count=args.synthetic_images,
+                             progress=True)
+    splits = [] if args.no_eval else [load_split(name) for name in REPORT_SPLITS]
+    before = evaluate_splits(model, spec, splits, progress=True)
+    checkpoint = args.out.parent / f"{args.out.name}.finetune-checkpoint.pt"
+    if args.restart:
+        checkpoint.unlink(missing_ok=True)
+    elif checkpoint.is_file():
+        _say(f"resuming from {checkpoint} (--restart to start afresh)")
+    _say(f"finetuning {source} ({config.method}) on {images.name} ({len(images)} images), "
+         f"{config.epochs} epoch(s); checkpoint {checkpoint}")
+    start = time.perf_counter()
+    result = train(model, spec, images, config, teacher=teacher, checkpoint=checkpoint,
+                   source_digest=digest, progress=True)
+    seconds = time.perf_counter() - start
+    channels = {n: g.channels for n, g in ChannelGraph(model, spec.example_input()).groups.items()}
+    pruned = PrunedModel(model, spec, strategy, channels)
+    record = {"source": source, "config": config.to_dict(), "data": images.name,
+              "images": len(images), "loss": result.loss, "steps": result.steps,
+              "resumed_from_step": result.resumed_from_step, "seconds": round(seconds, 1),
+              "epoch_losses": result.losses, "method": result.method_summary,
+              "accuracy_before": before,
+              "weights": "trained: strategy.json rebuilds the data-free starting point only"}
+    write_pruned(pruned, args, {"finetune": record}, splits=splits)
+    checkpoint.unlink(missing_ok=True)
     return 0
 
 

@@ -109,6 +109,8 @@ def format_report(report: dict) -> str:
                 f"({report['quantized']['compensate']})" if report.get("quantized") else "")]
     lines += ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
                         for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
+    if report.get("finetune"):
+        lines += _finetune_lines(report["finetune"], pruned["accuracy"])
     if not pruned["accuracy"]:
         lines.append("accuracy not measured (--no-eval): no image was read")
     if report.get("excluded"):
@@ -116,6 +118,23 @@ def format_report(report: dict) -> str:
                      f"{next(iter(report['excluded'].items()))[0]}: "
                      f"{next(iter(report['excluded'].values()))}")
     return "\n".join(lines)
+
+
+def _finetune_lines(record: dict, after: dict) -> list[str]:
+    config = record["config"]
+    lines = [f"recovery: {config['method']}, {config['epochs']} epoch(s) on {record['data']} "
+             f"({record['images']} images, loss {record['loss']}), {record['steps']} steps in "
+             f"{record['seconds']:.0f} s"]
+    lines += [f"  top-1 {split}: {acc:.2f}% before training -> {after[split]:.2f}% after"
+              for split, acc in record["accuracy_before"].items() if split in after]
+    method = record.get("method") or {}
+    if "zero_share" in method:
+        dense = method["dense_layers"]
+        lines.append(f"  {method['pattern']}: {method['zero_share']:.1%} of the weights of "
+                     f"{method['layers']} layer(s) are zero"
+                     + (f"; dense (input count not a multiple of M): {', '.join(dense)}"
+                        if dense else ""))
+    return lines
 
 
 def read_report(folder: Path) -> dict:

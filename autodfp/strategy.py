@@ -62,7 +62,7 @@ class LayerAction:
         return out if self.bits is None else {**out, "bits": self.bits}
 
     def kept_channels(self, channels: int) -> int:
-        return min(channels, max(1, math.floor(self.keep * channels + 0.5)))
+        return kept_channels(self.keep, channels)
 
 
 @dataclass
@@ -143,6 +143,11 @@ class Strategy:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise AutoDFPError(f"cannot read strategy {path}: {exc}") from None
         return cls.from_dict(data)
+
+
+def kept_channels(keep: float, channels: int) -> int:
+    """Channels a keep share leaves of ``channels``: rounded half up, at least 1."""
+    return min(channels, max(1, math.floor(keep * channels + 0.5)))
 
 
 def file_sha256(path: str | Path) -> str:
