@@ -132,7 +132,7 @@ def test_finetune_cli_writes_a_loadable_folder_at_the_same_macs(tmp_path, pruned
     assert "before training" in done.stdout
     tuned, _, _ = load_pruned(out)
     start, _, _ = load_pruned(pruned_folder)
-    assert not torch.equal(tuned.fc.weight, start.fc.weight)
+    assert not torch.equal(tuned.linear.weight, start.linear.weight)
     assert not (tmp_path / "tuned.finetune-checkpoint.pt").exists()
 
 
