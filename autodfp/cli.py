@@ -162,6 +162,8 @@ def add_finetune_command(sub) -> None:
                       help=f"with --data synthetic: images made (default "
                            f"{SYNTHETIC_TRAIN_IMAGES}, cached)")
     tune.add_argument("--seed", type=int, default=defaults.seed)
+    tune.add_argument("--device", default=None,
+                      help="torch device to train on (default: cuda when available, else cpu)")
     tune.add_argument("--restart", action="store_true",
                       help="ignore an earlier run's checkpoint (default: resume from it)")
     add_output_arguments(tune)
@@ -408,33 +410,21 @@ def cmd_synth(args) -> int:
 
 
 def cmd_finetune(args) -> int:
-    from autodfp.export import load_pruned
     from autodfp.finetune import (FinetuneConfig, resolve_loss, train, training_images,
                                   uniform_keep_for_macs)
     from autodfp.graph import ChannelGraph
     from autodfp.metrics import model_cost
-    from autodfp.pruning import PrunedModel, load_base, uniform_strategy
-    from autodfp.report import REPORT_SPLITS, evaluate_splits
     from autodfp.data import load_split
-    from autodfp.strategy import file_sha256
+    from autodfp.pruning import PrunedModel, load_base
+    from autodfp.report import REPORT_SPLITS, evaluate_splits
 
     if (args.folder is None) == (args.model is None):
         raise AutoDFPError("give a pruned-model folder or --model NAME (one of them)")
     if args.keep is not None and args.macs is not None:
         raise AutoDFPError("give either --keep or --macs, not both")
     check_out(args.out, args.force)
-    if args.folder is not None:
-        if not (args.folder / "model.pt").is_file():
-            raise AutoDFPError(f"{args.folder} is not a pruned-model folder (no model.pt)")
-        model, spec, strategy = load_pruned(args.folder)
-        if strategy.layer_bits:
-            raise AutoDFPError(f"{args.folder} holds a quantized model; fine-tune the float "
-                               "model, then quantize it")
-        source, digest = str(args.folder), file_sha256(args.folder / "model.pt")
-    else:
-        strategy = uniform_strategy(args.model, 1.0, checkpoint=args.checkpoint)
-        model, spec = load_base(strategy)
-        source, digest = args.model, strategy.checkpoint_sha256 or args.model
+    device = training_device(args.device)
+    model, spec, strategy, source, digest = _finetune_source(args)
     teacher, _ = load_base(strategy)
     base_macs = model_cost(teacher, spec).macs
     keep = args.keep
@@ -465,7 +455,7 @@ def cmd_finetune(args) -> int:
          f"{config.epochs} epoch(s); checkpoint {checkpoint}")
     start = time.perf_counter()
     result = train(model, spec, images, config, teacher=teacher, checkpoint=checkpoint,
-                   source_digest=digest, progress=True)
+                   source_digest=digest, device=device, progress=True)
     seconds = time.perf_counter() - start
     channels = {n: g.channels for n, g in ChannelGraph(model, spec.example_input()).groups.items()}
     pruned = PrunedModel(model, spec, strategy, channels)
@@ -478,6 +468,40 @@ def cmd_finetune(args) -> int:
     write_pruned(pruned, args, {"finetune": record}, splits=splits)
     checkpoint.unlink(missing_ok=True)
     return 0
+
+
+def _finetune_source(args):
+    """The model to train, its spec and strategy, a label and a digest that identifies it."""
+    from autodfp.export import load_pruned
+    from autodfp.pruning import load_base, uniform_strategy
+    from autodfp.strategy import file_sha256
+
+    if args.model is not None:
+        strategy = uniform_strategy(args.model, 1.0, checkpoint=args.checkpoint)
+        model, spec = load_base(strategy)
+        return model, spec, strategy, args.model, strategy.checkpoint_sha256 or args.model
+    if not (args.folder / "model.pt").is_file():
+        raise AutoDFPError(f"{args.folder} is not a pruned-model folder (no model.pt)")
+    model, spec, strategy = load_pruned(args.folder)
+    if strategy.layer_bits:
+        raise AutoDFPError(f"{args.folder} holds a quantized model; fine-tune the float model, "
+                           "then quantize it")
+    return model, spec, strategy, str(args.folder), file_sha256(args.folder / "model.pt")
+
+
+def training_device(requested: str | None) -> str:
+    import torch
+
+    if requested is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise AutoDFPError(f"not a torch device: {requested!r} (cpu, cuda, cuda:1, ...)") \
+            from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise AutoDFPError(f"--device {requested}: no CUDA GPU is visible here")
+    return str(device)
 
 
 def cmd_models(args) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -162,8 +163,28 @@ class TrainResult:
     resumed_from_step: int = 0
 
 
+class PlainTraining:
+    """What every method does around an optimiser step; ``plain`` does nothing more.
+    (:class:`autodfp.pdp.PDPMasks` and :class:`autodfp.reprune.REPruneLoop` do.)"""
+
+    def before_step(self, step: int, total: int) -> None:
+        pass
+
+    def after_step(self, step: int, total: int) -> None:
+        pass
+
+    def finish(self) -> dict:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
 def make_method(config: FinetuneConfig, model: nn.Module, spec: ModelSpec):
-    """The mask or loop a method drives during training (None for ``plain``)."""
+    """The masks or loop a method drives during training."""
     if config.method == "pdp":
         from autodfp.pdp import PDPMasks, SparsityTarget
 
@@ -173,15 +194,16 @@ def make_method(config: FinetuneConfig, model: nn.Module, spec: ModelSpec):
         from autodfp.reprune import REPruneLoop
 
         return REPruneLoop(model, spec.example_input(), config.keep)
-    return None
+    return PlainTraining()
 
 
 def train(model: nn.Module, spec: ModelSpec, images: TrainingImages, config: FinetuneConfig, *,
           teacher: nn.Module | None = None, checkpoint: Path | None = None,
-          source_digest: str = "", checkpoint_every: int = 100,
+          source_digest: str = "", checkpoint_every: int = 100, device: str = "cpu",
           progress: bool = False) -> TrainResult:
-    """Train ``model`` in place; with ``checkpoint``, resume from it when it was written by the
-    same run (same config and source) and save to it every ``checkpoint_every`` steps."""
+    """Train ``model`` in place on ``device`` (it ends on the CPU); with ``checkpoint``, resume
+    from it when it was written by the same run (same config and source) and save to it every
+    ``checkpoint_every`` steps."""
     from tqdm import tqdm
 
     if len(images) == 0:
@@ -189,7 +211,8 @@ def train(model: nn.Module, spec: ModelSpec, images: TrainingImages, config: Fin
     loss_kind = resolve_loss(config, images.y is not None, images.name)
     if "kd" in loss_kind and teacher is None:
         raise AutoDFPError("distillation needs the unpruned model")
-    method = make_method(config, model, spec)
+    method = make_method(config, model, spec)  # traced on the CPU, before the move
+    model.to(device)
     per_epoch = math.ceil(len(images) / config.batch_size)
     if config.steps_per_epoch is not None:
         per_epoch = min(per_epoch, config.steps_per_epoch)
@@ -201,10 +224,10 @@ def train(model: nn.Module, spec: ModelSpec, images: TrainingImages, config: Fin
                 "count": len(images)}
     start = _resume(checkpoint, identity, model, optimizer, method, result)
     if teacher is not None:
-        teacher.eval()
+        teacher.eval().to(device)
     bar = tqdm(total=total, initial=start, desc=f"{config.method} {loss_kind}", unit="step",
                disable=None if progress else True)
-    running = []
+    running, started = [], time.perf_counter()
     for step in range(start, total):
         epoch, within = divmod(step, per_epoch)
         order = np.random.default_rng([config.seed, epoch]).permutation(len(images))
@@ -212,23 +235,22 @@ def train(model: nn.Module, spec: ModelSpec, images: TrainingImages, config: Fin
         x, y = images.batch(index, spec)
         if config.augment:
             x = augment(x, torch.Generator().manual_seed(config.seed * 1_000_003 + step))
+        x, y = x.to(device), (y.to(device) if y is not None else None)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, step, total)
-        if method is not None and hasattr(method, "set_progress"):
-            method.set_progress(step, total)
-        if method is not None and hasattr(method, "before_step"):
-            method.before_step(step, total)
+        method.before_step(step, total)
         model.train()
         logits = model(x)
         loss = _loss(loss_kind, logits, y, teacher, x, config)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if method is not None and hasattr(method, "after_step"):
-            method.after_step(step, total)
+        method.after_step(step, total)
         running.append(loss.item())
         bar.update(1)
         bar.set_postfix(loss=f"{np.mean(running[-50:]):.3f}", epoch=epoch + 1)
+        if progress and bar.disable and (step + 1) % max(1, total // 10) == 0:
+            _log_line(step + 1, total, np.mean(running[-50:]), started)
         if within == per_epoch - 1:
             result.losses.append(float(np.mean(running)) if running else float("nan"))
             running = []
@@ -237,10 +259,20 @@ def train(model: nn.Module, spec: ModelSpec, images: TrainingImages, config: Fin
             _save_checkpoint(checkpoint, identity, model, optimizer, method, result)
     bar.close()
     model.eval()
-    if method is not None:
-        result.method_summary = method.finish()
+    result.method_summary = method.finish()
+    model.cpu()
+    if teacher is not None:
+        teacher.cpu()
     result.resumed_from_step = start
     return result
+
+
+def _log_line(step: int, total: int, loss: float, started: float) -> None:
+    """Progress for logs, where the bar is off (stderr is not a terminal)."""
+    import sys
+
+    print(f"step {step}/{total}, loss {loss:.3f}, {time.perf_counter() - started:.0f} s",
+          file=sys.stderr, flush=True)
 
 
 def _loss(kind: str, logits, labels, teacher, x, config: FinetuneConfig) -> torch.Tensor:
@@ -262,7 +294,7 @@ def _save_checkpoint(path: Path, identity: dict, model, optimizer, method, resul
     state = {"format": CHECKPOINT_FORMAT, "identity": json.dumps(identity, sort_keys=True),
              "step": result.steps, "losses": result.losses, "model": model.state_dict(),
              "optimizer": optimizer.state_dict(),
-             "method": method.state_dict() if hasattr(method, "state_dict") else {}}
+             "method": method.state_dict()}
     with atomic_writer(path) as fh:
         torch.save(state, fh)
 
@@ -286,8 +318,7 @@ def _resume(path: Path | None, identity: dict, model, optimizer, method, result)
     try:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        if hasattr(method, "load_state_dict"):
-            method.load_state_dict(state["method"])
+        method.load_state_dict(state["method"])
         result.losses = [float(v) for v in state["losses"]]
         result.steps = int(state["step"])
     except (KeyError, RuntimeError, ValueError, TypeError) as exc:

@@ -20,9 +20,9 @@ import torch
 import torch.nn as nn
 
 from autodfp.errors import AutoDFPError
-from autodfp.strategy import kept_channels
 from autodfp.graph import ChannelGraph
 from autodfp.selection import REPruneCoverage
+from autodfp.strategy import kept_channels
 
 
 class REPruneLoop:
@@ -70,7 +70,7 @@ class REPruneLoop:
     def _switch_off(self) -> None:
         for name, kept in self.selected.items():
             bn = self.groups[name].bn
-            off = torch.ones(bn.num_features, dtype=torch.bool)
+            off = torch.ones(bn.num_features, dtype=torch.bool, device=bn.weight.device)
             off[kept] = False
             bn.weight[off] = 0.0
             bn.bias[off] = 0.0

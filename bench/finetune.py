@@ -66,7 +66,10 @@ def main() -> None:
         rows.append(row(f"data-free (uniform keep {keep:.3f}, refit)", start_folder,
                         time.perf_counter() - start))
     else:
-        rows.append(row("data-free (uniform keep, refit)", start_folder, 0.0))
+        strategy = json.loads((start_folder / "strategy.json").read_text())
+        keep = max(layer["keep"] for layer in strategy["layers"].values())
+        rows.append({**row(f"data-free (uniform keep {keep:.3f}, refit)", start_folder, 0.0),
+                     "reused": True})
     synthetic_epochs = args.epochs * math.ceil(TRAIN_IMAGES / args.synthetic_images)
     runs = {
         "ce": ([start_folder, "--data", "cifar10-train", "--loss", "ce"], "fine-tune CE"),
@@ -94,7 +97,17 @@ def main() -> None:
 
 
 def write(rows: list[dict], args) -> None:
+    """Write this run's rows, keeping earlier rows of the same file for other methods."""
     name = f"finetune-{args.model}-{args.epochs}ep"
+    earlier = RESULTS / f"{name}.json"
+    if earlier.is_file():
+        before = json.loads(earlier.read_text())["rows"]
+        known = {r["method"].split(" (")[0] for r in before}
+        rows = [r for r in rows if not (r.pop("reused", False) and r["method"].split(" (")[0]
+                                        in known)]
+        fresh = {r["method"].split(" (")[0] for r in rows}
+        rows = [r for r in before if r["method"].split(" (")[0] not in fresh] + rows
+    rows = [{k: v for k, v in r.items() if k != "reused"} for r in rows]
     header = (f"{args.model} at <= {args.macs:g} of the MACs, {args.epochs} epoch(s) of "
               "recovery (2-core CPU)")
     lines = [header, "", "| method | MACs | lossless % | JPEG % | seconds |", "|---|---|---|---|---|"]

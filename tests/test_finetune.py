@@ -1,7 +1,6 @@
 """Recovery training: plain fine-tuning, resume, PDP (N:M, unstructured, channel), REPrune loop.
 Tiny budgets: a few steps on a few hundred real CIFAR-10 training images."""
 
-import copy
 import json
 
 import numpy as np
@@ -160,7 +159,7 @@ def test_pdp_two_of_four_export_has_at_most_two_nonzeros_in_every_group(tmp_path
 def test_pdp_unstructured_reaches_its_sparsity_per_layer():
     model, spec = build_model("resnet20")
     masks = PDPMasks(model, spec.example_input(), SparsityTarget.parse("0.8", None))
-    masks.set_progress(99, 100)
+    masks.before_step(99, 100)
     summary = masks.finish()
     for module in model.modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
@@ -217,6 +216,9 @@ def test_reprune_schedule_ramps_to_the_target_then_holds():
     (["--method", "pdp", "--sparsity", "5:4"], "0 < N < M"),
     (["--method", "pdp"], "one target"),
     (["--data", "synthetic", "--loss", "ce"], "no labels"),
+    (["--device", "tpu9"], "not a torch device"),
+    pytest.param(["--device", "cuda"], "no CUDA GPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")),
 ])
 def test_bad_finetune_input_is_one_line_and_writes_nothing(tmp_path, pruned_folder, train_npz,
                                                            args, message):
