@@ -107,7 +107,8 @@ def write(rows: list[dict], args) -> None:
                                         in known)]
         fresh = {r["method"].split(" (")[0] for r in rows}
         rows = [r for r in before if r["method"].split(" (")[0] not in fresh] + rows
-    rows = [{k: v for k, v in r.items() if k != "reused"} for r in rows]
+    rows = sorted(({k: v for k, v in r.items() if k != "reused"} for r in rows),
+                  key=lambda r: not r["method"].startswith("data-free"))
     header = (f"{args.model} at <= {args.macs:g} of the MACs, {args.epochs} epoch(s) of "
               "recovery (2-core CPU)")
     lines = [header, "", "| method | MACs | lossless % | JPEG % | seconds |", "|---|---|---|---|---|"]
