@@ -163,9 +163,10 @@ class TrainResult:
     resumed_from_step: int = 0
 
 
-class PlainTraining:
-    """What every method does around an optimiser step; ``plain`` does nothing more.
-    (:class:`autodfp.pdp.PDPMasks` and :class:`autodfp.reprune.REPruneLoop` do.)"""
+class TrainingMethod:
+    """What a method does around each optimiser step, at the end, and in a checkpoint; the
+    ``plain`` method does nothing (:class:`autodfp.pdp.PDPMasks` and
+    :class:`autodfp.reprune.REPruneLoop` override these)."""
 
     def before_step(self, step: int, total: int) -> None:
         pass
@@ -194,7 +195,7 @@ def make_method(config: FinetuneConfig, model: nn.Module, spec: ModelSpec):
         from autodfp.reprune import REPruneLoop
 
         return REPruneLoop(model, spec.example_input(), config.keep)
-    return PlainTraining()
+    return TrainingMethod()
 
 
 def train(model: nn.Module, spec: ModelSpec, images: TrainingImages, config: FinetuneConfig, *,

@@ -38,6 +38,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from autodfp.errors import AutoDFPError
+from autodfp.finetune import TrainingMethod
 from autodfp.graph import ChannelGraph, is_depthwise
 from autodfp.strategy import kept_channels
 
@@ -147,14 +148,14 @@ class _WeightMask(nn.Module):
         return weight * self.mask(weight)
 
 
-class PDPMasks:
-    """PDP soft masks on a model during training; :meth:`finish` makes them hard."""
+class PDPMasks(TrainingMethod):
+    """PDP soft masks on a model during training; :meth:`finish` makes them hard. Nothing to
+    checkpoint: the masks are functions of the weights and the step."""
 
     def __init__(self, model: nn.Module, example_input: torch.Tensor, target: SparsityTarget,
                  *, tau: float = DEFAULT_TAU, ramp: float = 0.5):
         self.model, self.target, self.ramp = model, target, ramp
         self.tau = self.start_tau = tau
-        self.example_input = example_input
         self.dense_layers: list[str] = []
         self._hooks, self._params = [], {}
         self._progress = 0.0 if target.kind != "nm" else 1.0
@@ -212,15 +213,6 @@ class PDPMasks:
         self.tau = self.start_tau * FINAL_TAU_SHARE ** anneal
         for _, mask in self._params.values():
             mask.progress, mask.tau = self._progress, self.tau
-
-    def after_step(self, step: int, total: int) -> None:
-        pass
-
-    def state_dict(self) -> dict:
-        return {}  # the masks are functions of the weights and the step
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
     @torch.no_grad()
     def finish(self) -> dict:

@@ -20,12 +20,13 @@ import torch
 import torch.nn as nn
 
 from autodfp.errors import AutoDFPError
+from autodfp.finetune import TrainingMethod
 from autodfp.graph import ChannelGraph
 from autodfp.selection import REPruneCoverage
 from autodfp.strategy import kept_channels
 
 
-class REPruneLoop:
+class REPruneLoop(TrainingMethod):
     def __init__(self, model: nn.Module, example_input: torch.Tensor, keep: float, *,
                  hard: float = 0.25, reselections: int = 6):
         if not 0.0 < keep < 1.0:
