@@ -158,7 +158,7 @@ def add_finetune_command(sub) -> None:
     tune.add_argument("--steps-per-epoch", type=whole_number("steps per epoch"),
                       help="cap on steps per epoch (default: the whole set)")
     tune.add_argument("--synthetic-images", type=whole_number("synthetic image count"),
-                      default=SYNTHETIC_TRAIN_IMAGES,
+                      default=None,
                       help=f"with --data synthetic: images made (default "
                            f"{SYNTHETIC_TRAIN_IMAGES}, cached)")
     tune.add_argument("--seed", type=int, default=defaults.seed)
@@ -410,8 +410,8 @@ def cmd_synth(args) -> int:
 
 
 def cmd_finetune(args) -> int:
-    from autodfp.finetune import (FinetuneConfig, resolve_loss, train, training_images,
-                                  uniform_keep_for_macs)
+    from autodfp.finetune import (SYNTHETIC_TRAIN_IMAGES, FinetuneConfig, resolve_loss, train,
+                                  training_images, uniform_keep_for_macs)
     from autodfp.graph import ChannelGraph
     from autodfp.metrics import model_cost
     from autodfp.data import load_split
@@ -442,8 +442,10 @@ def cmd_finetune(args) -> int:
         from autodfp.pdp import SparsityTarget
 
         SparsityTarget.parse(config.sparsity, config.keep)  # a bad target fails before any work
-    images = training_images(args.data, teacher, spec, synthetic_count=args.synthetic_images,
-                             progress=True)
+    if args.synthetic_images is not None and args.data != "synthetic":
+        raise AutoDFPError("--synthetic-images goes with --data synthetic")
+    images = training_images(args.data, teacher, spec, progress=True,
+                             synthetic_count=args.synthetic_images or SYNTHETIC_TRAIN_IMAGES)
     splits = [] if args.no_eval else [load_split(name) for name in REPORT_SPLITS]
     before = evaluate_splits(model, spec, splits, progress=True)
     checkpoint = args.out.parent / f"{args.out.name}.finetune-checkpoint.pt"

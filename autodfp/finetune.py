@@ -84,6 +84,11 @@ class FinetuneConfig:
             raise AutoDFPError("batch size and steps per epoch must be positive")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise AutoDFPError(f"learning rate must be a positive number, got {self.lr}")
+        for name, low, high in (("kd_weight", 0.0, 1.0), ("warmup", 0.0, 1.0),
+                                ("ramp", 1e-9, 1.0), ("tau", 1e-9, math.inf)):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and low <= value <= high):
+                raise AutoDFPError(f"{name} must be in [{low:g}, {high:g}], got {value!r}")
         if self.method == "plain" and (self.keep is not None or self.sparsity is not None):
             raise AutoDFPError("--keep and --sparsity go with --method pdp or reprune")
         if self.method == "reprune" and (self.keep is None or self.sparsity is not None):
@@ -109,7 +114,21 @@ class TrainingImages:
     def from_image_set(cls, images: ImageSet) -> "TrainingImages":
         return cls(images.name, images.x, images.y)
 
+    def digest(self) -> str:
+        """A fingerprint of the labels and a strided sample of the images (a checkpoint must
+        not resume onto other data under the same name)."""
+        import hashlib
+
+        step = max(1, len(self.x) // 64)
+        sample = self.x[::step]
+        digest = hashlib.sha256(np.ascontiguousarray(
+            sample.numpy() if isinstance(sample, torch.Tensor) else sample).tobytes())
+        if self.y is not None:
+            digest.update(np.ascontiguousarray(self.y).tobytes())
+        return digest.hexdigest()
+
     def batch(self, index: np.ndarray, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Images ``index``, normalised NCHW, with their labels (None without)."""
         if isinstance(self.x, torch.Tensor):
             x = self.x[torch.from_numpy(index)]
         else:
@@ -222,7 +241,7 @@ def train(model: nn.Module, spec: ModelSpec, images: TrainingImages, config: Fin
                                 weight_decay=config.weight_decay)
     result = TrainResult(0, loss_kind)
     identity = {"config": config.to_dict(), "source": source_digest, "images": images.name,
-                "count": len(images)}
+                "count": len(images), "images_sha256": images.digest()}
     start = _resume(checkpoint, identity, model, optimizer, method, result)
     if teacher is not None:
         teacher.eval().to(device)

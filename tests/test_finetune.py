@@ -217,6 +217,7 @@ def test_reprune_schedule_ramps_to_the_target_then_holds():
     (["--method", "pdp"], "one target"),
     (["--data", "synthetic", "--loss", "ce"], "no labels"),
     (["--device", "tpu9"], "not a torch device"),
+    (["--synthetic-images", "8"], "goes with --data synthetic"),
     pytest.param(["--device", "cuda"], "no CUDA GPU",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")),
 ])
@@ -224,8 +225,7 @@ def test_bad_finetune_input_is_one_line_and_writes_nothing(tmp_path, pruned_fold
                                                            args, message):
     out = tmp_path / "out"
     data = [] if "--data" in args else ["--data", train_npz]
-    done = run_cli("finetune", pruned_folder, *data, *args, "--synthetic-images", "8",
-                   "--out", out)
+    done = run_cli("finetune", pruned_folder, *data, *args, "--out", out)
     assert done.returncode == 2
     assert done.stderr.startswith("error:") and message in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
