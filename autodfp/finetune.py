@@ -91,6 +91,8 @@ class FinetuneConfig:
                 raise AutoDFPError(f"{name} must be in [{low:g}, {high:g}], got {value!r}")
         if self.method == "plain" and (self.keep is not None or self.sparsity is not None):
             raise AutoDFPError("--keep and --sparsity go with --method pdp or reprune")
+        if self.keep is not None and not 0.0 < self.keep < 1.0:
+            raise AutoDFPError(f"--keep must be in (0, 1) to prune while training, got {self.keep}")
         if self.method == "reprune" and (self.keep is None or self.sparsity is not None):
             raise AutoDFPError("--method reprune needs --keep K (and takes no --sparsity)")
 

@@ -215,6 +215,7 @@ def test_reprune_schedule_ramps_to_the_target_then_holds():
     (["--keep", "0.5"], "go with --method pdp or reprune"),
     (["--method", "pdp", "--sparsity", "5:4"], "0 < N < M"),
     (["--method", "pdp"], "one target"),
+    (["--method", "reprune", "--keep", "1"], "must be in (0, 1)"),
     (["--data", "synthetic", "--loss", "ce"], "no labels"),
     (["--device", "tpu9"], "not a torch device"),
     (["--synthetic-images", "8"], "goes with --data synthetic"),
