@@ -426,12 +426,11 @@ def cmd_finetune(args) -> int:
     device = training_device(args.device)
     model, spec, strategy, source, digest = _finetune_source(args)
     teacher, _ = load_base(strategy)
-    base_macs = model_cost(teacher, spec).macs
     keep = args.keep
     if args.macs is not None:
         if args.method == "plain":
             raise AutoDFPError("--macs goes with --method pdp or reprune")
-        keep = uniform_keep_for_macs(model, spec, base_macs, args.macs)
+        keep = uniform_keep_for_macs(model, spec, model_cost(teacher, spec).macs, args.macs)
         _say(f"--macs {args.macs:g}: uniform keep {keep:.4f} of every prunable group")
     config = FinetuneConfig(epochs=args.epochs, method=args.method, loss=args.loss,
                             batch_size=args.batch_size, lr=args.lr,

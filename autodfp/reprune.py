@@ -16,6 +16,8 @@ gradient or data term), and groups without a BN after their producer are left un
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 
@@ -41,9 +43,10 @@ class REPruneLoop(TrainingMethod):
         self.reselected = 0
         self._criterion = REPruneCoverage()
 
+    @functools.lru_cache(maxsize=4)
     def _schedule(self, total: int) -> dict[int, float]:
         """Step -> keep share of each re-selection; the last one, at the target, opens the
-        hard phase."""
+        hard phase (asked every step: cached)."""
         soft_end = int((1.0 - self.hard) * total)
         if soft_end < self.reselections:
             return {0: self.keep}
