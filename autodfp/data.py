@@ -45,12 +45,16 @@ class ImageSet:
     name: str
     x: np.ndarray
     y: np.ndarray
+    num_classes: int | None = None
+    """Classes the labels number (CIFAR-10: 10; an ImageFolder: its folders); a model scored
+    on them must have as many outputs. None: the labels are model output indices already (an
+    ``.npz``, or folders mapped through a class index)."""
 
     def __len__(self) -> int:
         return len(self.y)
 
     def subset(self, index: np.ndarray, name: str) -> "ImageSet":
-        return ImageSet(name, self.x[index], self.y[index])
+        return ImageSet(name, self.x[index], self.y[index], self.num_classes)
 
 
 def shared_dir() -> Path:
@@ -129,7 +133,8 @@ def _stratified_train(size: int, seed: int, *, after: int, name: str) -> ImageSe
 
 def _lossless_test() -> ImageSet:
     with np.load(_require(cifar10_dir() / _LOSSLESS, "lossless test images")) as data:
-        return ImageSet("test-lossless", data["x"], data["y_first1017"].astype(np.int64))
+        return ImageSet("test-lossless", data["x"], data["y_first1017"].astype(np.int64),
+                        len(CIFAR10_CLASSES))
 
 
 def _jpeg_test() -> ImageSet:
@@ -143,12 +148,12 @@ def _jpeg_test() -> ImageSet:
     for i, c in enumerate(official_labels):
         order[i] = position[(int(c), int(seen[c]))]
         seen[c] += 1
-    return ImageSet("test-jpeg", images[order], official_labels)
+    return ImageSet("test-jpeg", images[order], official_labels, len(CIFAR10_CLASSES))
 
 
 def _jpeg_train() -> ImageSet:
     images, labels, _ = _decoded_tar(_TRAIN_TAR)
-    return ImageSet("train-jpeg", images, labels)
+    return ImageSet("train-jpeg", images, labels, len(CIFAR10_CLASSES))
 
 
 def _decoded_tar(filename: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -198,19 +203,222 @@ def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
         np.savez(fh, **arrays)
 
 
-def load_user_data(path: str | Path) -> ImageSet:
-    """User images: an ``.npz`` with ``x`` (N,H,W,3 uint8) and ``y``, or an ImageFolder tree.
+DEFAULT_CROP_RATIO = 0.875
+"""Share of the resized image the center crop keeps (the usual 224 of 256)."""
+_CACHE_FROM_IMAGES = 256  # smaller trees decode in well under a second: not worth a cache file
 
-    An ImageFolder tree has one sub-folder per class; classes are numbered in sorted order.
+
+def load_user_data(path: str | Path, *, input_size: tuple[int, int, int] | None = None,
+                   crop_ratio: float = DEFAULT_CROP_RATIO,
+                   class_index: str | Path | dict | None = None,
+                   progress: bool = False) -> ImageSet:
+    """User images: an ``.npz`` with ``x`` (N,H,W,3 uint8) and ``y``, or an ImageFolder tree
+    (a folder, or a ``.tar`` of one) of images of any size.
+
+    A tree has one sub-folder per class, numbered in sorted order, or by ``class_index``
+    (folder name -> model output index; a JSON file or a mapping) for a model whose classes
+    are a superset of the folders. With ``input_size`` every image is resized (shorter side to
+    ``max(H, W) / crop_ratio``, bilinear) and center-cropped to it; with ``crop_ratio`` 1 an
+    image already at the input size is taken as it is. A tree of 256 images or more is decoded
+    once into a memory-mapped cache (``$AUTODFP_CACHE``) and read in batches from there.
     """
     path = Path(path)
     if not path.exists():
         raise AutoDFPError(f"data path not found: {path}")
+    if not 0.0 < crop_ratio <= 1.0:
+        raise AutoDFPError(f"crop ratio must be in (0, 1], got {crop_ratio}")
     if path.suffix == ".npz":
+        if class_index is not None:
+            raise AutoDFPError("--class-index maps class folders; an .npz holds labels already")
         return _load_npz(path)
-    if path.is_dir():
-        return _load_image_folder(path)
-    raise AutoDFPError(f"data path must be an .npz file or a folder of class folders: {path}")
+    if path.is_dir() or tarfile.is_tarfile(path):
+        return _load_image_tree(path, input_size, crop_ratio, _class_index(class_index),
+                                progress)
+    raise AutoDFPError(f"data path must be an .npz file, a folder of class folders or a .tar "
+                       f"of one: {path}")
+
+
+def _class_index(source: str | Path | dict | None) -> dict[str, int] | None:
+    if source is None or isinstance(source, dict):
+        index = source
+    else:
+        import json
+
+        path = Path(source)
+        try:
+            index = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise AutoDFPError(f"class index not found: {path}") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise AutoDFPError(f"cannot read class index {path}: {exc}") from None
+    if index is not None and not (
+            isinstance(index, dict) and index
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                    for v in index.values())):
+        raise AutoDFPError(f"class index {source} must map folder names to output indices "
+                           "(whole numbers >= 0)")
+    return index
+
+
+@dataclass(frozen=True)
+class _Tree:
+    """The image files of an ImageFolder tree (a folder or a tar), by class folder."""
+
+    root: Path
+    files: list[str]
+    """Paths (relative to the folder, or member names of the tar), in label-then-name order."""
+    folders: list[str]
+    """Each file's class folder."""
+
+    def read(self, indices: range) -> list[bytes]:
+        if self.root.is_dir():
+            return [(self.root / self.files[i]).read_bytes() for i in indices]
+        with tarfile.open(self.root) as tar:
+            return [tar.extractfile(self.files[i]).read() for i in indices]
+
+    def fingerprint(self) -> str:
+        import hashlib
+
+        stat = self.root.stat()
+        digest = hashlib.sha256(f"{self.root.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+                                .encode())
+        if self.root.is_dir():
+            for name in self.files:
+                info = (self.root / name).stat()
+                digest.update(f"|{name}|{info.st_size}|{info.st_mtime_ns}".encode())
+        return digest.hexdigest()[:16]
+
+
+def _list_tree(root: Path) -> _Tree:
+    if root.is_dir():
+        classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+        if not classes:
+            raise AutoDFPError(f"{root} has no class sub-folders")
+        pairs = [(cls, f"{cls}/{f.name}") for cls in classes
+                 for f in sorted((root / cls).iterdir())
+                 if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+    else:
+        try:
+            with tarfile.open(root) as tar:
+                names = [m.name for m in tar.getmembers() if m.isfile()]
+        except (tarfile.TarError, OSError) as exc:
+            raise AutoDFPError(f"cannot read {root}: {exc}") from None
+        pairs = sorted((Path(n).parent.name, n) for n in names
+                       if Path(n).suffix.lower() in IMAGE_SUFFIXES and len(Path(n).parts) >= 2)
+    if not pairs:
+        raise AutoDFPError(f"{root} holds no images in class folders "
+                           f"({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return _Tree(root, [p[1] for p in pairs], [p[0] for p in pairs])
+
+
+def _load_image_tree(root: Path, input_size, crop_ratio: float,
+                     class_index: dict[str, int] | None, progress: bool) -> ImageSet:
+    tree = _list_tree(root)
+    classes = sorted(set(tree.folders))
+    if class_index is None:
+        labels = np.array([classes.index(f) for f in tree.folders], dtype=np.int64)
+        num_classes = len(classes)
+    else:
+        missing = [c for c in classes if c not in class_index]
+        if missing:
+            raise AutoDFPError(f"class index has no entry for folder(s) {', '.join(missing[:5])}"
+                               f" of {root}")
+        labels = np.array([class_index[f] for f in tree.folders], dtype=np.int64)
+        num_classes = None  # labels are model output indices
+    x = _decoded_tree(tree, input_size, crop_ratio, progress)
+    return ImageSet(root.name.removesuffix(".tar"), x, labels, num_classes)
+
+
+def _decoded_tree(tree: _Tree, input_size, crop_ratio: float, progress: bool) -> np.ndarray:
+    size = "native" if input_size is None else "x".join(map(str, input_size[1:]))
+    cached = cache_dir() / f"images-{tree.root.name}-{tree.fingerprint()}-{size}-{crop_ratio}.npy"
+    use_cache = len(tree.files) >= _CACHE_FROM_IMAGES
+    if use_cache and cached.is_file():
+        try:
+            x = np.load(cached, mmap_mode="r")
+            if len(x) == len(tree.files):
+                return x
+        except (OSError, ValueError):
+            pass
+        cached.unlink(missing_ok=True)  # a corrupt cache is rebuilt, not trusted
+    if input_size is None:  # every image as it is: they must share one size
+        shape = _rgb_from_bytes(tree.read(range(1))[0], tree.files[0]).shape
+
+        def decode(content: bytes, name: str) -> np.ndarray:
+            image = _rgb_from_bytes(content, name)
+            if image.shape != shape:
+                raise AutoDFPError(f"{tree.root}: images differ in size; give the model's "
+                                   "input size (they are then resized and center-cropped)")
+            return image
+    else:
+        shape = (*input_size[1:], 3)
+
+        def decode(content: bytes, name: str) -> np.ndarray:
+            return _fit(content, input_size, crop_ratio, name)
+    if not use_cache:
+        every = range(len(tree.files))
+        return np.stack([decode(c, tree.files[i]) for i, c in zip(every, tree.read(every))])
+    return _decode_to_cache(tree, decode, shape, cached, progress)
+
+
+def _decode_to_cache(tree: _Tree, decode, shape: tuple, cached: Path,
+                     progress: bool) -> np.ndarray:
+    """Decode in batches of 256 on a few threads straight into a memory-mapped file, renamed
+    into place when whole: the images never sit in memory all at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    count = len(tree.files)
+    tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(count, *shape))
+        batches = [range(s, min(s + 256, count)) for s in range(0, count, 256)]
+        with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+            for batch in tqdm(batches, desc=f"decoding {tree.root.name}", unit="batch",
+                              disable=None if progress else True, leave=False):
+                images = pool.map(decode, tree.read(batch), [tree.files[i] for i in batch])
+                for i, image in zip(batch, images):
+                    out[i] = image
+        out.flush()
+        del out
+        os.replace(tmp, cached)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return np.load(cached, mmap_mode="r")
+
+
+def _rgb_from_bytes(content: bytes, name: str) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(content)) as img:
+            return np.asarray(img.convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:  # incl. Unidentified
+        raise AutoDFPError(f"cannot read image {name}: {exc}") from None
+
+
+def _fit(content: bytes, input_size, crop_ratio: float, name: str) -> np.ndarray:
+    """Decode one image, resize its shorter side to ``max(H, W) / crop_ratio`` and center
+    crop it to H x W (the usual ImageNet evaluation transform)."""
+    from PIL import Image
+
+    height, width = input_size[1:]
+    try:
+        with Image.open(io.BytesIO(content)) as img:
+            img = img.convert("RGB")
+            if crop_ratio == 1.0 and img.size == (width, height):
+                return np.asarray(img)
+            short = int(max(height, width) / crop_ratio)
+            w, h = img.size
+            new = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+            img = img.resize(new, Image.BILINEAR)
+            left = int(round((new[0] - width) / 2.0))
+            top = int(round((new[1] - height) / 2.0))
+            return np.asarray(img.crop((left, top, left + width, top + height)))
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise AutoDFPError(f"cannot read image {name}: {exc}") from None
 
 
 def _load_npz(path: Path) -> ImageSet:
@@ -246,35 +454,13 @@ def _npz_arrays(path: Path, names: tuple[str, ...]) -> tuple[np.ndarray, ...]:
 
 def _read_rgb(file: Path) -> np.ndarray:
     """One image file as uint8 HxWx3; a file that is not a readable image is one clear error."""
-    from PIL import Image
-
-    try:
-        with Image.open(file) as img:
-            return np.asarray(img.convert("RGB"))
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:  # incl. Unidentified
-        raise AutoDFPError(f"cannot read image {file}: {exc}") from None
-
-
-def _load_image_folder(root: Path) -> ImageSet:
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if not classes:
-        raise AutoDFPError(f"{root} has no class sub-folders")
-    images, labels = [], []
-    for label, cls in enumerate(classes):
-        for file in sorted((root / cls).iterdir()):
-            if file.is_file() and file.suffix.lower() in IMAGE_SUFFIXES:
-                images.append(_read_rgb(file))
-                labels.append(label)
-    if not images:
-        raise AutoDFPError(f"{root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    if len({im.shape for im in images}) != 1:
-        raise AutoDFPError(f"{root}: images differ in size; resize them to one size first")
-    return ImageSet(root.name, np.stack(images), np.array(labels, dtype=np.int64))
+    return _rgb_from_bytes(file.read_bytes(), str(file))
 
 
 def to_tensor(x: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """uint8 NHWC -> normalised float32 NCHW."""
-    t = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).float().div_(255.0)
+    x = np.ascontiguousarray(x) if x.flags.writeable else np.array(x)  # a memmap is read-only
+    t = torch.from_numpy(x).permute(0, 3, 1, 2).float().div_(255.0)
     m = torch.tensor(mean).view(1, -1, 1, 1)
     s = torch.tensor(std).view(1, -1, 1, 1)
     return t.sub_(m).div_(s).contiguous()

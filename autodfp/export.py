@@ -149,7 +149,7 @@ def _load_payload(path: Path, expected: str) -> dict:
 
 def _rebuild(payload: dict, state: dict, path: Path) -> tuple[nn.Module, ModelSpec, Strategy]:
     strategy = Strategy.from_dict(json.loads(payload["strategy"]))
-    model, spec = build_model(payload["model"], pretrained=False)
+    model, spec = build_model(payload["model"], pretrained=False, input_spec=strategy.input)
     shrink_to(model, spec, payload["channels"])
     load_state_dict_checked(model, state, str(path))
     return model.eval(), spec, strategy

@@ -375,44 +375,6 @@ def training_images(data: str, teacher: nn.Module, spec: ModelSpec, *,
                                "labelled images")
         images = load_split("train-jpeg")
     else:
-        images = load_user_data(data)
+        images = load_user_data(data, input_size=spec.input_size, progress=progress)
     check_labelled_images(images, teacher, spec)
     return TrainingImages.from_image_set(images)
-
-
-def uniform_keep_for_macs(model: nn.Module, spec: ModelSpec, base_macs: int, ratio: float,
-                          resolution: int = 256) -> float:
-    """The largest keep share on a 1/``resolution`` grid whose uniform prune of ``model``
-    (every prunable group) has at most ``ratio`` x ``base_macs`` MACs, counted on the pruned
-    copy (so chained groups and depthwise convs count exactly)."""
-    import copy
-
-    import torch_pruning as tp
-
-    from autodfp.graph import ChannelGraph
-    from autodfp.strategy import kept_channels
-
-    def macs_at(keep: float) -> float:
-        pruned = copy.deepcopy(model)
-        graph = ChannelGraph(pruned, spec.example_input())
-        for name, group in graph.groups.items():
-            graph.prune(name, torch.arange(kept_channels(keep, group.channels)))
-        return tp.utils.count_ops_and_params(pruned, spec.example_input())[0]
-
-    low, high = 0, resolution  # invariant: low fits (0 = nothing found), high may not
-    if macs_at(1 / resolution) > ratio * base_macs:
-        raise AutoDFPError(f"no uniform keep reaches {ratio:g} of the MACs: the layers that "
-                           "cannot be pruned already cost more")
-    low = 1
-    while high - low > 1:
-        mid = (low + high) // 2
-        if macs_at(mid / resolution) <= ratio * base_macs:
-            low = mid
-        else:
-            high = mid
-    if macs_at(high / resolution) <= ratio * base_macs:
-        low = high
-    if low == resolution:
-        raise AutoDFPError(f"the model already has at most {ratio:g} of the MACs; nothing to "
-                           "prune")
-    return low / resolution

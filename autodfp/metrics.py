@@ -41,20 +41,49 @@ def model_cost(model: nn.Module, spec: ModelSpec, bits: dict[str, int] | None = 
     """Cost of ``model``; ``bits``: layer name -> weight bits of its quantized layers."""
     from autodfp.quantization import bitops, weight_bytes
 
-    macs, params = tp.utils.count_ops_and_params(model, spec.example_input())
+    macs, params = _count_ops_and_params(model, spec.example_input())
     return Cost(int(macs), int(params), weight_bytes(model, bits),
                 bitops(model, spec.example_input(), bits))
 
 
-def predict(model: nn.Module, images: ImageSet, spec: ModelSpec, *, batch_size: int = 500,
+def count_macs(model: nn.Module, spec: ModelSpec) -> int:
+    """:attr:`Cost.macs` alone."""
+    return int(_count_ops_and_params(model, spec.example_input())[0])
+
+
+def _count_ops_and_params(model: nn.Module, example: torch.Tensor) -> tuple[float, float]:
+    """Torch-Pruning's counter, which looks modules up by exact type: subclasses of the layers
+    it knows (e.g. EfficientNet's ``Conv2dStaticSamePadding``) are registered with their
+    base's hook first, or they would count as zero MACs."""
+    from torch_pruning.utils import op_counter
+
+    for module in model.modules():
+        kind = type(module)
+        if kind not in op_counter.MODULES_MAPPING:
+            base = next((b for b in kind.__mro__[1:] if b in op_counter.MODULES_MAPPING), None)
+            if base is not None:
+                op_counter.CUSTOM_MODULES_MAPPING[kind] = op_counter.MODULES_MAPPING[base]
+    return tp.utils.count_ops_and_params(model, example)
+
+
+def predict(model: nn.Module, images: ImageSet, spec: ModelSpec, *,
+            batch_size: int | None = None,
             device: str | torch.device = "cpu", progress: bool = False) -> np.ndarray:
     """Predicted class of every image."""
     return _predict(model, images, spec, batch_size=batch_size, device=device,
                     progress=progress)[0]
 
 
+def eval_batch_size(spec: ModelSpec) -> int:
+    """500 CIFAR-size images a batch; fewer for larger inputs, so that a batch's activations
+    stay about as large (an ImageNet model at 224 with 500 images would need gigabytes)."""
+    pixels = spec.input_size[1] * spec.input_size[2]
+    return max(8, min(500, 500 * 32 * 32 // pixels))
+
+
 @torch.inference_mode()
-def _predict(model: nn.Module, images: ImageSet, spec: ModelSpec, *, batch_size: int = 500,
+def _predict(model: nn.Module, images: ImageSet, spec: ModelSpec, *,
+             batch_size: int | None = None,
              device: str | torch.device = "cpu",
              progress: bool = False) -> tuple[np.ndarray, int]:
     """Predicted classes and the model's number of outputs."""
@@ -62,6 +91,7 @@ def _predict(model: nn.Module, images: ImageSet, spec: ModelSpec, *, batch_size:
 
     _check_not_empty(images)
     check_input_size(images, spec)
+    batch_size = batch_size or eval_batch_size(spec)
     model = model.eval().to(device)
     predictions, classes = [], 0
     starts = range(0, len(images), batch_size)
@@ -96,7 +126,8 @@ def check_input_size(images: ImageSet, spec: ModelSpec) -> None:
     if images.x.ndim != 4 or images.x.shape[1:] != (height, width, channels):
         got = "x".join(str(d) for d in images.x.shape[1:])
         raise AutoDFPError(f"{images.name}: images are {got} (HxWxC), {spec.name} takes "
-                           f"{height}x{width}x{channels}; resize them first")
+                           f"{height}x{width}x{channels}; give images for it with --data "
+                           "(an image folder is resized and cropped to fit)")
 
 
 def _check_not_empty(images: ImageSet) -> None:
@@ -105,6 +136,12 @@ def _check_not_empty(images: ImageSet) -> None:
 
 
 def _check_labels(images: ImageSet, classes: int, spec: ModelSpec) -> None:
+    if images.num_classes is not None and images.num_classes != classes:
+        raise AutoDFPError(
+            f"{spec.name} has {classes} outputs but {images.name} has {images.num_classes} "
+            "classes: an accuracy against labels the model was not trained on means nothing; "
+            "give images of its classes with --data (and --class-index FILE when their folders "
+            "are a subset of its outputs)")
     if images.y.min() < 0 or images.y.max() >= classes:
         raise AutoDFPError(f"{images.name}: labels range over {images.y.min()}..{images.y.max()}"
                            f" but {spec.name} has {classes} outputs (0..{classes - 1})")

@@ -19,7 +19,8 @@ import torch.nn as nn
 from autodfp.calibration import DEFAULT_CALIBRATION, Calibrator, calibration_images, ridge_for
 from autodfp.errors import AutoDFPError
 from autodfp.graph import ChannelGraph
-from autodfp.models import ModelSpec, build_model, get_spec
+from autodfp.models import (InputSpec, ModelSpec, build_model, get_spec, weights_from_factory,
+                            weights_sha256)
 from autodfp.quantization import QuantizedWeight, quantizable_layers, quantize_model
 from autodfp.reconstruction import ReconstructionOptions, reconstruct
 from autodfp.selection import get_criterion
@@ -47,8 +48,13 @@ class PrunedModel:
 
 def load_base(strategy: Strategy) -> tuple[nn.Module, ModelSpec]:
     """The unpruned model a strategy starts from, checking the checkpoint digest."""
-    model, spec = build_model(strategy.model, strategy.checkpoint)
+    model, spec = build_model(strategy.model, strategy.checkpoint, input_spec=strategy.input)
     if strategy.checkpoint_sha256:
+        if weights_from_factory(spec, strategy.checkpoint):
+            if weights_sha256(model) != strategy.checkpoint_sha256:
+                raise AutoDFPError(f"{strategy.model} returns other weights than the ones this "
+                                   "strategy was made on (sha256 mismatch)")
+            return model, spec
         path = Path(strategy.checkpoint) if strategy.checkpoint else spec.default_checkpoint()
         if file_sha256(path) != strategy.checkpoint_sha256:
             raise AutoDFPError(f"checkpoint {path} differs from the one this strategy was made "
@@ -57,7 +63,11 @@ def load_base(strategy: Strategy) -> tuple[nn.Module, ModelSpec]:
 
 
 def checkpoint_digest(model_name: str, checkpoint: str | None) -> str | None:
-    path = Path(checkpoint) if checkpoint else get_spec(model_name).default_checkpoint()
+    """sha256 of the weights file, or of the weights a pretrained factory returns."""
+    spec = get_spec(model_name)
+    if weights_from_factory(spec, checkpoint):
+        return weights_sha256(build_model(model_name, checkpoint, pretrained=False)[0])
+    path = Path(checkpoint) if checkpoint else spec.default_checkpoint()
     return file_sha256(path) if path is not None and path.is_file() else None
 
 
@@ -125,9 +135,10 @@ def default_quant_images(model: nn.Module, spec: ModelSpec, *, progress: bool = 
     return calibration_images(DEFAULT_CALIBRATION, model, spec, progress=progress)[0]
 
 
-def prunable_groups(model_name: str, checkpoint: str | None = None) -> dict[str, int]:
+def prunable_groups(model_name: str, checkpoint: str | None = None,
+                    input_spec: InputSpec | None = None) -> dict[str, int]:
     """Name -> channel count of every prunable group of a model."""
-    model, spec = build_model(model_name, checkpoint, pretrained=False)
+    model, spec = build_model(model_name, checkpoint, pretrained=False, input_spec=input_spec)
     graph = ChannelGraph(model, spec.example_input())
     return {n: g.channels for n, g in graph.groups.items()}
 
@@ -135,15 +146,15 @@ def prunable_groups(model_name: str, checkpoint: str | None = None) -> dict[str,
 def uniform_strategy(model_name: str, keep: float, *, select: str = "l1",
                      reconstruct: str = "neuron-merging", coef: float = 1.0,
                      checkpoint: str | None = None, bits: int | None = None,
-                     **option_overrides) -> Strategy:
+                     input_spec: InputSpec | None = None, **option_overrides) -> Strategy:
     """The same keep ratio for every prunable group; with ``bits``, every conv and linear
     layer quantized to that many bits."""
     action = LayerAction(keep, coef, bits)
-    layers = {name: action for name in prunable_groups(model_name, checkpoint)}
+    layers = {name: action for name in prunable_groups(model_name, checkpoint, input_spec)}
     if bits is not None:
-        model, _ = build_model(model_name, checkpoint, pretrained=False)
+        model, _ = build_model(model_name, checkpoint, pretrained=False, input_spec=input_spec)
         layers = {name: layers.get(name, LayerAction(1.0, coef, bits))
                   for name in quantizable_layers(model)}
     return Strategy(model_name, layers, select, reconstruct, checkpoint,
                     checkpoint_digest(model_name, checkpoint),
-                    ReconstructionOptions(**option_overrides))
+                    ReconstructionOptions(**option_overrides), input=input_spec)

@@ -31,6 +31,7 @@ from pathlib import Path
 from autodfp.calibration import CalibrationConfig
 from autodfp.errors import AutoDFPError
 from autodfp.io import atomic_write_text
+from autodfp.models import InputSpec
 from autodfp.quantization import QuantConfig, check_bits
 from autodfp.reconstruction import METHODS, ReconstructionOptions
 from autodfp.selection import CRITERIA
@@ -80,6 +81,9 @@ class Strategy:
     """Calibration after pruning; None: none (the closed-form compensation alone)."""
     quantization: QuantConfig | None = None
     """How layers with ``bits`` are quantized; None: the defaults when any layer has bits."""
+    input: InputSpec | None = None
+    """Input size, mean and std where they differ from what the model says of itself
+    (:func:`autodfp.models.build_model`); None: the model's own."""
 
     def __post_init__(self):
         if self.select not in CRITERIA:
@@ -106,6 +110,7 @@ class Strategy:
             "calibration": self.calibration.to_dict() if self.calibration else None,
             **({"quantization": self.quant_config().to_dict()}
                if self.quantization or self.layer_bits else {}),
+            **({"input": self.input.to_dict()} if self.input and self.input.to_dict() else {}),
         }
 
     @classmethod
@@ -123,7 +128,9 @@ class Strategy:
                        calibration=(CalibrationConfig.from_dict(calibration)
                                     if calibration is not None else None),
                        quantization=(QuantConfig.from_dict(quantization)
-                                     if quantization is not None else None))
+                                     if quantization is not None else None),
+                       input=InputSpec.from_dict(data.get("input")) if data.get("input")
+                       else None)
         except (KeyError, TypeError, AttributeError) as exc:
             raise AutoDFPError(f"malformed strategy: {type(exc).__name__}: {exc}") from None
 

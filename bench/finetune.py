@@ -54,7 +54,7 @@ def main() -> None:
     start_folder = work / "data-free"
     rows = []
     if not (start_folder / "report.json").is_file():
-        from autodfp.finetune import uniform_keep_for_macs
+        from autodfp.costmodel import uniform_keep_for_macs
         from autodfp.metrics import model_cost
         from autodfp.models import build_model
 

@@ -33,10 +33,11 @@ import gymnasium as gym
 import numpy as np
 
 from autodfp.calibration import Calibrator, CalibrationConfig
+from autodfp.costmodel import MacsModel
 from autodfp.data import reward_split
 from autodfp.errors import AutoDFPError
 from autodfp.graph import ChannelGraph
-from autodfp.metrics import accuracy, model_cost
+from autodfp.metrics import accuracy
 from autodfp.pruning import (apply_strategy, checkpoint_digest, default_quant_images,
                              load_base)
 from autodfp.quantization import (FLOAT_BITS, QuantConfig, check_bits, layer_macs,
@@ -204,19 +205,13 @@ class AutoDFPEnv(gym.Env):
         return names, channels, np.clip(np.array(rows), 0.0, 1.0)
 
     def _macs_model(self) -> tuple[float, np.ndarray]:
-        """MACs = fixed + sum_i group_macs[i] * keep_i (exact for groups that share no conv)."""
-        base_macs = model_cost(self._base_model, self._spec).macs
-        per_group = []
-        for name, channels in zip(self.group_names, self._channels):
-            half = Strategy(**{**self.strategy_fields(), "calibration": None,
-                               "layers": {name: LayerAction(0.5)}})
-            pruned = apply_strategy(half, (copy.deepcopy(self._base_model), self._spec))
-            kept = LayerAction(0.5).kept_channels(int(channels)) / channels
-            saved = base_macs - model_cost(pruned.model, self._spec).macs
-            per_group.append(saved / (1.0 - kept))
-        group_macs = np.array(per_group)
-        self._base_macs = float(base_macs)
-        return float(base_macs - group_macs.sum()), group_macs
+        """The exact MACs model (:class:`autodfp.costmodel.MacsModel`); returns its fixed part
+        and each group's linear MACs (observations and the fair share use these)."""
+        self._macs = MacsModel.measure(self._base_model, self._spec)
+        if list(self._macs.names) != self.group_names:
+            raise AssertionError("cost model groups differ from the env's")
+        self._base_macs = self._macs.base
+        return self._macs.fixed, self._macs.linear
 
     def strategy_fields(self) -> dict:
         t = self._template
@@ -231,7 +226,7 @@ class AutoDFPEnv(gym.Env):
         """The MACs budget, and with ``quantize`` the weight-bytes or BitOPs budget, each as
         ``fixed + sum_i unit[i] * keep_i * (bits_i / 32 if it depends on bits)``."""
         macs = _Budget("MACs", "macs_budget", self.config.macs_budget, self._fixed_macs,
-                       self._group_macs, self._base_macs, uses_bits=False)
+                       self._group_macs, self._base_macs, uses_bits=False, pair=self._macs.pair)
         if self.quant is None or self.quant.budget == "macs":
             return [macs]
         layers = quantizable_layers(self._base_model)
@@ -336,7 +331,7 @@ class AutoDFPEnv(gym.Env):
         for budget in self._constraints:
             share[t], bits_now[t] = 0.0, bits
             room = budget.limit - budget.cost(share, bits_now)
-            unit = budget.unit[t] * (bits / FLOAT_BITS if budget.uses_bits else 1.0)
+            unit = budget.slope(t, share, bits_now)
             if unit > 0:
                 most = min(most, math.floor(room / unit * channels + 1e-9))
         return most
@@ -355,16 +350,32 @@ class AutoDFPEnv(gym.Env):
         t, channels = self._t, self._channels[self._t]
         lower = self._lower_channels()
         low = self.config.keep_lower
-        spent = self._fixed_macs + (self._group_macs[:t] * self._kept[:t] / self._channels[:t]).sum()
-        left = self.config.macs_budget * self._base_macs - spent
         if self.config.action_mode == "absolute":
             wish = low + a * (1.0 - low)
         else:
-            fair = float(np.clip(left / self._group_macs[t:].sum(), low, 1.0))
+            fair = float(np.clip(self._fair_share(), low, 1.0))
             wish = low + 2 * a * (fair - low) if a <= 0.5 else fair + (2 * a - 1) * (1 - fair)
         most = self._most_channels(int(self._bits[t]))
         wanted = math.floor(wish * channels + 0.5)
         return int(np.clip(wanted, lower[t], max(lower[t], min(channels, most))))
+
+    def _fair_share(self) -> float:
+        """The uniform share of groups t.. that spends the MACs budget exactly (MACs are
+        quadratic in a share common to those groups: solved from three evaluations)."""
+        t = self._t
+        share = self._kept / self._channels
+
+        def macs_at(x: float) -> float:
+            share[t:] = x
+            return self._macs.macs(share)
+
+        c, half, one = macs_at(0.0), macs_at(0.5), macs_at(1.0)
+        a2 = 2 * (one - 2 * half + c)  # MACs(x) = c + a1 x + a2 x^2
+        a1 = one - c - a2
+        need = self.config.macs_budget * self._base_macs - c
+        if abs(a2) < 1e-9 * max(abs(a1), 1.0):
+            return need / a1 if a1 > 0 else 1.0
+        return (-a1 + math.sqrt(max(a1 * a1 + 4 * a2 * need, 0.0))) / (2 * a2)
 
     def macs_ratio(self) -> float:
         return self._macs_ratio(self._kept)
@@ -374,8 +385,7 @@ class AutoDFPEnv(gym.Env):
         return self._macs_ratio(self._kept_and_bits(strategy)[0])
 
     def _macs_ratio(self, kept: np.ndarray) -> float:
-        share = kept / self._channels
-        return float((self._fixed_macs + (self._group_macs * share).sum()) / self._base_macs)
+        return self._macs.macs_of_kept(kept) / self._base_macs
 
     def budget_ratio(self) -> float:
         """Share of the quantize budget's quantity the current episode's strategy keeps."""
@@ -442,8 +452,8 @@ class AutoDFPEnv(gym.Env):
 
 @dataclass(frozen=True)
 class _Budget:
-    """One budget: ``fixed + sum_i unit[i] * share_i * (bits_i / 32 if uses_bits)`` must stay
-    at most ``ratio * base``."""
+    """One budget: ``fixed + sum_i unit[i] * share_i * (bits_i / 32 if uses_bits)`` (plus
+    ``share @ pair @ share`` for chained groups' MACs) must stay at most ``ratio * base``."""
 
     label: str
     setting: str
@@ -452,6 +462,8 @@ class _Budget:
     unit: np.ndarray
     base: float
     uses_bits: bool
+    pair: np.ndarray | None = None
+    """MACs of convs between two groups, ``pair[i, j] * share_i * share_j`` (i < j)."""
 
     @property
     def limit(self) -> float:
@@ -459,7 +471,15 @@ class _Budget:
 
     def cost(self, share: np.ndarray, bits: np.ndarray) -> float:
         factor = np.asarray(bits, dtype=float) / FLOAT_BITS if self.uses_bits else 1.0
-        return float(self.fixed + (self.unit * share * factor).sum())
+        chained = share @ self.pair @ share if self.pair is not None else 0.0
+        return float(self.fixed + (self.unit * share * factor).sum() + chained)
+
+    def slope(self, t: int, share: np.ndarray, bits) -> float:
+        """d cost / d share_t (the cost is linear in each share alone)."""
+        factor = bits[t] / FLOAT_BITS if self.uses_bits else 1.0
+        chained = (self.pair[t] @ share + self.pair[:, t] @ share
+                   if self.pair is not None else 0.0)
+        return float(self.unit[t] * factor + chained)
 
     def left(self, t: int, share: np.ndarray, bits: np.ndarray) -> float:
         """Budget not yet spent by the first ``t`` groups (later ones counted at zero)."""

@@ -72,6 +72,18 @@ def _corrupt_run(tmp: Path) -> Path:
     return _folder(tmp, "run", {"search.json": "{broken"})
 
 
+def _class_tree(tmp: Path, classes: int) -> Path:
+    """An ImageFolder tree of ``classes`` folders, two 40x48 PNGs each."""
+    from PIL import Image
+
+    root = tmp / "in" / "tree"
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (40, 48), (c * 20, i * 90, 7)).save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
 def _config(tmp: Path, text: str) -> Path:
     return _file(tmp, "search.yaml", text)
 
@@ -139,6 +151,41 @@ CASES = {
                                             _npz(t, "e.npz", x=_images(10, 32),
                                                  y=np.full(10, 12, np.int64))],
                                  "labels range over 12..12 but resnet20 has 10 outputs", None),
+    "ImageNet model on the CIFAR-10 test images": (
+        lambda t: ["prune", "--model", "efficientnet_lite1", "--keep", "0.5", "--out", OUT],
+        "efficientnet_lite1 takes 240x240x3; give images for it with --data", None),
+    "ImageNet model on folders without a class index": (
+        lambda t: ["prune", "--model", "efficientnet_lite1", "--keep", "0.5", "--data",
+                   _class_tree(t, 3), "--out", OUT],
+        "efficientnet_lite1 has 1000 outputs but tree has 3 classes", None),
+    "model that does not run at the input size": (
+        lambda t: ["prune", "--model", "tests.user_models:fixed_size_net", "--input-size", "64",
+                   "--keep", "0.5", "--out", OUT], "does not run on a 3x64x64 input", None),
+    "input size of zero": (lambda t: [*PRUNE, "--input-size", "3,0,32", "--out", OUT],
+                           "input size must be C,H,W", None),
+    "mean for two channels": (lambda t: [*PRUNE, "--mean", "0.5,0.5", "--out", OUT],
+                              "mean has 2 value(s) but the input has 3 channel(s)", None),
+    "std of zero": (lambda t: [*PRUNE, "--std", "0", "--out", OUT], "std must be finite", None),
+    "input flags with a strategy file": (
+        lambda t: ["prune", "--strategy", _bits_strategy(t, 4), "--input-size", "64", "--out",
+                   OUT], "a strategy file fixes the model's input", None),
+    "unknown model card key": (lambda t: ["prune", "--model-card",
+                                          _file(t, "card.yaml", "model: resnet20\nsize: 3\n"),
+                                          "--keep", "0.5", "--out", OUT],
+                               "unknown model card key(s)", None),
+    "missing model card": (lambda t: [*PRUNE, "--model-card", t / "in" / "none.yaml", "--out",
+                                      OUT], "model card not found", None),
+    "fewer class folders than outputs": (
+        lambda t: ["eval", "--model", "resnet20", "--data", _class_tree(t, 3)],
+        "resnet20 has 10 outputs but tree has 3 classes", None),
+    "class index without the folder": (
+        lambda t: ["eval", "--model", "resnet20", "--data", _class_tree(t, 3), "--class-index",
+                   _file(t, "index.json", '{"class0": 0, "class1": 1}')],
+        "class index has no entry for folder(s) class2", None),
+    "class index of text": (
+        lambda t: ["eval", "--model", "resnet20", "--data", _class_tree(t, 3), "--class-index",
+                   _file(t, "index.json", '{"class0": "zero"}')],
+        "must map folder names to output indices", None),
     "missing search config": (lambda t: ["search", t / "in" / "none.yaml", "--storage", OUT],
                               "search config not found", None),
     "malformed search config": (lambda t: ["search", _config(t, "env: [unclosed\n"),

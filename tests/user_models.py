@@ -11,3 +11,22 @@ def tiny_net():
 
 
 NOT_A_FACTORY = 3
+
+
+def fixed_size_net():
+    """Runs on 3x32x32 only (its classifier reads a flattened 8x8x8 map)."""
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.MaxPool2d(4), nn.Flatten(), nn.Linear(8 * 8 * 8, 10))
+
+
+def pretrained_tiny_net():
+    """A pretrained factory: seeded weights, and its own input spec as attributes."""
+    import torch
+
+    torch.manual_seed(0)
+    model = tiny_net()
+    model.input_size = (3, 16, 16)
+    model.mean = (0.5, 0.5, 0.5)
+    model.std = (0.25, 0.25, 0.25)
+    return model
