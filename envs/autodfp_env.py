@@ -38,6 +38,7 @@ from autodfp.data import reward_split
 from autodfp.errors import AutoDFPError
 from autodfp.graph import ChannelGraph
 from autodfp.metrics import accuracy
+from autodfp.models import InputSpec
 from autodfp.pruning import (apply_strategy, checkpoint_digest, default_quant_images,
                              load_base)
 from autodfp.quantization import (FLOAT_BITS, QuantConfig, check_bits, layer_macs,
@@ -85,7 +86,13 @@ class EnvConfig:
     model: str = "resnet56"
     """Registry name or pkg.module:factory."""
     checkpoint: str | None = None
-    """Weights file; None for the shipped weights."""
+    """Weights file; None for the shipped weights (or what a pkg.module:factory returns)."""
+    input_size: list | None = None
+    """Model input [C, H, W]; None: what the model says of itself (autodfp.models)."""
+    mean: list | None = None
+    """Per-channel mean on [0, 1] RGB; None: the model's own."""
+    std: list | None = None
+    """Per-channel std on [0, 1] RGB; None: the model's own."""
     reward_size: int = 5000
     """Images in the reward split (class-stratified, from the training images)."""
     reward_seed: int = 0
@@ -121,11 +128,17 @@ class EnvConfig:
         if not 0.0 < config.keep_lower <= 1.0:
             raise AutoDFPError(f"keep_lower must be in (0, 1], got {config.keep_lower}")
         config.calibration_config()  # validates
+        config.input_spec()
         config.quant_search()
         if config.action_mode not in ("fair-share", "absolute"):
             raise AutoDFPError(f"action_mode must be 'fair-share' or 'absolute', "
                                f"got {config.action_mode!r}")
         return config
+
+    def input_spec(self) -> InputSpec | None:
+        given = {k: v for k, v in (("input_size", self.input_size), ("mean", self.mean),
+                                   ("std", self.std)) if v is not None}
+        return InputSpec.from_dict(given) if given else None
 
     def quant_search(self) -> QuantSearch | None:
         if self.quantize is None:
@@ -159,7 +172,8 @@ class AutoDFPEnv(gym.Env):
         base_strategy = Strategy(self.config.model, {}, self.config.select,
                                  self.config.reconstruct, self.config.checkpoint,
                                  checkpoint_digest(self.config.model, self.config.checkpoint),
-                                 calibration=self.config.calibration_config())
+                                 calibration=self.config.calibration_config(),
+                                 input=self.config.input_spec())
         self._template = base_strategy
         self._base_model, self._spec = load_base(base_strategy)
         self.device = _resolve_device(self.config.device)  # pruned copies are evaluated there
@@ -217,7 +231,7 @@ class AutoDFPEnv(gym.Env):
         t = self._template
         fields = {"model": t.model, "select": t.select, "reconstruct": t.reconstruct,
                   "checkpoint": t.checkpoint, "checkpoint_sha256": t.checkpoint_sha256,
-                  "calibration": t.calibration}
+                  "calibration": t.calibration, "input": t.input}
         if self.config.quantize is not None:
             fields["quantization"] = QuantConfig(compensate=self.config.quant_search().compensate)
         return fields

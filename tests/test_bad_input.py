@@ -195,6 +195,9 @@ CASES = {
                            "unknown search config key(s): learning_rate", None),
     "unknown env key": (lambda t: ["search", _config(t, "env: {model: resnet20, flops: 0.5}\n"),
                                    "--storage", OUT], "unknown env_config key(s): flops", None),
+    "search env with a zero std": (lambda t: ["search", _config(
+        t, "env: {model: resnet20, std: [0, 1, 1]}\n"), "--storage", OUT],
+        "std must be finite numbers > 0", None),
     "out-of-range search value": (lambda t: ["search", _config(t, "episodes: -5\n"),
                                              "--storage", OUT], "episodes must be", None),
     "unreachable budget": (lambda t: ["search", _config(
