@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -25,6 +26,9 @@ def base_accuracies(pruned: PrunedModel, splits: list[ImageSet], *,
                     progress: bool = False) -> dict[str, float]:
     """Accuracy of the unpruned parent, cached by checkpoint digest (it never changes)."""
     digest = pruned.strategy.checkpoint_sha256
+    fed = pruned.strategy.input.to_dict() if pruned.strategy.input else {}
+    if digest and fed:  # the same weights fed another way score differently
+        digest += "-" + hashlib.sha256(json.dumps(fed, sort_keys=True).encode()).hexdigest()[:12]
     cache = cache_dir() / f"base-accuracy-{pruned.strategy.model.replace(':', '_')}-{digest}.json"
     known = {}
     if digest and cache.is_file():
@@ -32,11 +36,12 @@ def base_accuracies(pruned: PrunedModel, splits: list[ImageSet], *,
             known = json.loads(cache.read_text())
         except (OSError, json.JSONDecodeError):
             known = {}
-    missing = [s for s in splits if s.name not in known or len(s) != known[s.name]["n"]]
+    missing = [s for s in splits if s.name not in known or len(s) != known[s.name]["n"]
+               or known[s.name].get("digest") != s.digest()]
     if missing:
         model, spec = load_base(pruned.strategy)
         for split in missing:
-            known[split.name] = {"n": len(split),
+            known[split.name] = {"n": len(split), "digest": split.digest(),
                                  "acc": accuracy(model, split, spec, progress=progress)}
         if digest:
             atomic_write_text(cache, json.dumps(known, indent=1))

@@ -22,10 +22,11 @@ from launch.cli import main
 RESNET20_LOSSLESS = 91.64  # measured with the shipped weights (shared/README.md)
 
 
-def _cli(capfd, *args) -> str:
+def _cli(capfd, *args):
+    """Run the CLI in this process; its captured stdout and stderr (``.out``, ``.err``)."""
     capfd.readouterr()
     assert main([str(a) for a in args]) == 0, capfd.readouterr().err[-2000:]
-    return capfd.readouterr().out
+    return capfd.readouterr()
 
 
 def _top1(stdout: str, split: str) -> float:
@@ -50,9 +51,9 @@ def test_flags_feed_a_resnet_trained_with_its_own_normalisation(tmp_path, capfd)
     checkpoint = tmp_path / "resnet20-half.pt"
     _resnet20_for_half_normalisation(checkpoint)
     flags = ["--model", "resnet20", "--checkpoint", checkpoint, "--mean", "0.5", "--std", "0.5"]
-    fed_right = _top1(_cli(capfd, "eval", *flags), "test-lossless")
+    fed_right = _top1(_cli(capfd, "eval", *flags).out, "test-lossless")
     assert abs(fed_right - RESNET20_LOSSLESS) <= 0.5
-    fed_wrong = _top1(_cli(capfd, "eval", *flags[:4]), "test-lossless")
+    fed_wrong = _top1(_cli(capfd, "eval", *flags[:4]).out, "test-lossless")
     assert fed_wrong < fed_right - 5  # the flags matter
 
     pruned_top1 = {}
@@ -80,9 +81,11 @@ def test_pretrained_factory_with_its_own_input_attributes_and_a_model_card(tmp_p
     card = tmp_path / "card.yaml"
     card.write_text("model: tests.user_models:pretrained_tiny_net\ninput_size: [3, 24, 24]\n")
     out = tmp_path / "pruned"
-    _cli(capfd, "prune", "--model-card", card, "--keep", "0.5", "--calib", "none", "--no-eval",
-         "--no-onnx", "--out", out)
-    said = capfd.readouterr()
+    said = _cli(capfd, "prune", "--model-card", card, "--keep", "0.5", "--calib", "none",
+                "--no-eval", "--no-onnx", "--out", out).err
+    assert "input 3x24x24, mean 0.5,0.5,0.5, std 0.25,0.25,0.25 (from given, model attributes)" \
+        in said
+    assert "weights as tests.user_models:pretrained_tiny_net returns them" in said
     strategy = json.loads((out / "strategy.json").read_text())
     assert strategy["input"] == {"input_size": [3, 24, 24]}
     assert strategy["checkpoint"] is None
@@ -90,7 +93,6 @@ def test_pretrained_factory_with_its_own_input_attributes_and_a_model_card(tmp_p
     pruned, spec, _ = load_pruned(out)
     assert spec.input_size == (3, 24, 24) and spec.mean == (0.5,) * 3
     assert pruned(torch.zeros(2, 3, 24, 24)).shape == (2, 10)
-    del said
 
 
 def _reference_fit(image: Image.Image, side: int, crop_ratio: float) -> np.ndarray:
@@ -204,7 +206,7 @@ def test_efficientnet_lite1_on_imagenette_eval_and_prune(tmp_path, capfd):
     pytest.importorskip("efficientnet_lite_pytorch", reason="the imagenet extra")
     tar_path, index_path = _imagenette_subset(tmp_path, per_class=3)
     data = ["--data", tar_path, "--class-index", index_path]
-    out = _cli(capfd, "eval", "--model", "efficientnet_lite1", *data)
+    out = _cli(capfd, "eval", "--model", "efficientnet_lite1", *data).out
     ours = _top1(out, tar_path.stem)
     macs = float(re.search(r"([\d.]+)M MACs", out).group(1))
     model, spec = build_model("efficientnet_lite1")
