@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-prune demo-calibrated test install bench bench-calibrated bench-synthetic bench-search bench-quantization bench-finetune clean
+.PHONY: demo demo-prune demo-calibrated test install bench bench-calibrated bench-synthetic bench-search bench-quantization bench-finetune bench-train-zoo clean
 
 install: $(STAMP)
 
@@ -59,6 +59,10 @@ bench-quantization: $(STAMP)
 # on the CIFAR-10 training JPEGs (about 40 minutes on 2 cores)
 bench-finetune: $(STAMP)
 	$(BIN)/python bench/finetune.py --model resnet20 --epochs 1
+
+# VGG-16-BN and MobileNetV2 for CIFAR-10, 30 epochs each (minutes on one GPU; hours on 2 cores)
+bench-train-zoo: $(STAMP)
+	$(BIN)/python bench/train_zoo.py --models vgg16_bn,mobilenetv2 --epochs 30
 
 clean:
 	rm -rf $(VENV) out

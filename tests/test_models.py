@@ -61,3 +61,23 @@ def test_user_factory_with_checkpoint(tmp_path):
         build_model("tests.user_models:absent", pretrained=False)
     with pytest.raises(AutoDFPError, match="not callable"):
         build_model("tests.user_models:NOT_A_FACTORY", pretrained=False)
+
+
+def test_train_zoo_smoke_writes_fp16_weights_that_load(tmp_path):
+    """bench/train_zoo.py with a tiny budget (the real run wants a GPU: see its docstring)."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    done = subprocess.run([sys.executable, "bench/train_zoo.py", "--models", "mobilenetv2",
+                           "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "16",
+                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads(done.stdout)[0]
+    assert record["steps"] == 2 and record["top1_pct"] == record["top1_fp16_pct"]
+    model, _ = build_model("mobilenetv2", tmp_path / "mobilenetv2-cifar10.pt")
+    assert next(model.parameters()).dtype == torch.float32
+    assert not list(tmp_path.glob("*.train-checkpoint.pt"))
