@@ -199,7 +199,16 @@ def udfc(filters: np.ndarray, keep: np.ndarray, bn: BNStats,
     merge = np.zeros((n, len(keep)))
     shift = np.zeros(n)
     partners = options.udfc_partners or len(keep)
-    for p in np.setdiff1d(np.arange(n), keep):
+    pruned = np.setdiff1d(np.arange(n), keep)
+    if partners >= len(keep):  # every pruned channel has the same partners: one solve
+        cov_kk = cov[np.ix_(keep, keep)]
+        cov_kk = 0.5 * (cov_kk + cov_kk.T)
+        ridge = options.udfc_ridge * max(np.trace(cov_kk) / len(keep), 1e-12)
+        coeffs = np.linalg.solve(cov_kk + ridge * np.eye(len(keep)), cov[np.ix_(keep, pruned)])
+        merge[pruned] = coeffs.T
+        shift[pruned] = first[pruned] - coeffs.T @ first[keep]
+        return Compensation(merge, shift)
+    for p in pruned:
         order = np.argsort(-np.abs(rho[p, keep]), kind="stable")[:partners]
         k = keep[order]
         cov_kk = cov[np.ix_(k, k)]
