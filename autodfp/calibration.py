@@ -160,7 +160,8 @@ class Calibrator:
 
     @classmethod
     def for_model(cls, base_model: nn.Module, spec, config: CalibrationConfig, *,
-                  images: torch.Tensor | None = None, progress: bool = False) -> "Calibrator":
+                  images: torch.Tensor | None = None, progress: bool = False,
+                  coupled: bool = False) -> "Calibrator":
         """Every consumer (and, with ``refit_producers``, the producer) of every prunable group
         of ``base_model`` (which is not modified).
         Without ``images``, the config's images are loaded first (bad user data fails before
@@ -170,13 +171,15 @@ class Calibrator:
         model = copy.deepcopy(base_model).eval()
         if images is None:
             images, config = calibration_images(config, model, spec, progress=progress)
-        graph = ChannelGraph(model, spec.example_input())
+        graph = ChannelGraph(model, spec.example_input(), coupled=coupled)
         names = {m: n for n, m in model.named_modules()}
         layers, following = {}, {}
         for group in graph.groups.values():
-            if config.refit_producers:
-                layers[group.name] = group.producer
-                following[group.name] = names[group.bn] if group.bn is not None else None
+            producers = group.coupled or {group.name: group.producer}
+            for name, producer in producers.items() if config.refit_producers else ():
+                bn = graph.following_bn.get(producer)
+                layers[name] = producer
+                following[name] = names[bn] if bn is not None else None
             for name, module in group.consumers.items():
                 layers[name] = module
                 bn = group.consumer_bn.get(name)

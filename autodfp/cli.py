@@ -103,6 +103,10 @@ def add_core_commands(sub) -> dict:
     prune.add_argument("--macs", type=_fraction("MACs budget", zero_allowed=False),
                        help="instead of --keep: the largest uniform keep whose pruned model has "
                             "at most this share of the MACs (counted, chained groups included)")
+    prune.add_argument("--coupled", action="store_true",
+                       help="also prune residual-coupled groups (the same channels from every "
+                            "layer whose outputs are added; their mean is folded into the "
+                            "consumers)")
     prune.add_argument("--strategy", type=Path, help="strategy.json with per-layer keep ratios")
     prune.add_argument("--select", choices=sorted(CRITERIA), default="l1")
     prune.add_argument("--reconstruct", choices=METHODS, default="neuron-merging",
@@ -410,7 +414,8 @@ def cmd_prune(args) -> int:
     say_model(base[1], strategy.checkpoint)
     calibrator = None
     if strategy.calibration is not None:  # bad user images fail here, before any output
-        calibrator = Calibrator.for_model(*base, strategy.calibration, progress=True)
+        calibrator = Calibrator.for_model(*base, strategy.calibration, progress=True,
+                                          coupled=strategy.coupled)
         strategy.calibration = calibrator.config
     calibration = (f"calibration={strategy.calibration.order} on {strategy.calibration.count} "
                    f"{'synthetic' if strategy.calibration.images == 'synthetic' else 'user'} "
@@ -468,6 +473,9 @@ def _strategy_from_args(args):
         if input_spec_from_args(args) is not None:
             raise AutoDFPError("a strategy file fixes the model's input; --input-size, --mean "
                                "and --std go with --keep")
+        if args.coupled:
+            raise AutoDFPError("a strategy file fixes which groups are pruned; --coupled goes "
+                               "with --keep")
         if args.checkpoint:
             strategy.checkpoint = args.checkpoint
             strategy.checkpoint_sha256 = checkpoint_digest(strategy.model, args.checkpoint)
@@ -483,7 +491,8 @@ def _strategy_from_args(args):
     strategy = uniform_strategy(args.model, keep, select=args.select,
                                 reconstruct=args.reconstruct, coef=args.coef,
                                 checkpoint=args.checkpoint, bits=args.bits,
-                                input_spec=input_spec_from_args(args), nm_sigma=args.nm_sigma)
+                                input_spec=input_spec_from_args(args), coupled=args.coupled,
+                                nm_sigma=args.nm_sigma)
     strategy.calibration = calibration
     if args.bits is not None:
         strategy.quantization = QuantConfig(compensate=args.quant or QuantConfig.compensate)
@@ -497,7 +506,8 @@ def _uniform_keep_for_macs(args) -> float:
 
     model, spec = build_model(args.model, args.checkpoint, pretrained=False,
                               input_spec=input_spec_from_args(args))
-    keep = uniform_keep_for_macs(model, spec, count_macs(model, spec), args.macs)
+    keep = uniform_keep_for_macs(model, spec, count_macs(model, spec), args.macs,
+                                 coupled=args.coupled)
     _say(f"--macs {args.macs:g}: uniform keep {keep:.4f} of every prunable group")
     return keep
 

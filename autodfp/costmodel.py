@@ -42,9 +42,10 @@ class MacsModel:
     """MACs of the unpruned model."""
 
     @classmethod
-    def measure(cls, model: nn.Module, spec: ModelSpec) -> "MacsModel":
-        """Fit the coefficients on pruned copies of ``model`` (weights untouched)."""
-        graph = ChannelGraph(copy.deepcopy(model), spec.example_input())
+    def measure(cls, model: nn.Module, spec: ModelSpec, *, coupled: bool = False) -> "MacsModel":
+        """Fit the coefficients on pruned copies of ``model`` (weights untouched), over the
+        groups of ``ChannelGraph(model, coupled=coupled)``."""
+        graph = ChannelGraph(copy.deepcopy(model), spec.example_input(), coupled=coupled)
         names = tuple(graph.groups)
         channels = np.array([graph.groups[n].channels for n in names])
         half = np.maximum(1, channels // 2)
@@ -88,20 +89,21 @@ class MacsModel:
 def counted_macs(model: nn.Module, spec: ModelSpec, counts: dict[str, int]) -> float:
     """MACs of a copy of ``model`` with the first ``counts[name]`` channels of each group kept."""
     pruned = copy.deepcopy(model)
-    graph = ChannelGraph(pruned, spec.example_input())
+    graph = ChannelGraph(pruned, spec.example_input(), coupled=True)  # names every group
     for name, count in counts.items():
         graph.prune(name, torch.arange(count))
     return float(count_macs(pruned, spec))
 
 
 def uniform_keep_for_macs(model: nn.Module, spec: ModelSpec, base_macs: int, ratio: float,
-                          resolution: int = 256) -> float:
+                          resolution: int = 256, *, coupled: bool = False) -> float:
     """The largest keep share on a 1/``resolution`` grid whose uniform prune of ``model``
     (every prunable group) has at most ``ratio`` x ``base_macs`` MACs, counted on the pruned
     copy (so chained groups and depthwise convs count exactly)."""
     from autodfp.strategy import kept_channels
 
-    channels = {n: g.channels for n, g in ChannelGraph(model, spec.example_input()).groups.items()}
+    graph = ChannelGraph(model, spec.example_input(), coupled=coupled)
+    channels = {n: g.channels for n, g in graph.groups.items()}
 
     def macs_at(keep: float) -> float:
         return counted_macs(model, spec, {n: kept_channels(keep, c) for n, c in channels.items()})

@@ -119,6 +119,20 @@ def validation_split(size: int, reward_size: int, seed: int = 0) -> ImageSet:
                              name=f"validation-{size}-after-reward-{reward_size}-seed{seed}")
 
 
+def split_user_data(images: ImageSet, reward_size: int, seed: int = 0
+                    ) -> tuple[ImageSet, ImageSet]:
+    """A seeded random ``reward_size`` images of user data for a search's reward, and the rest
+    for its test accuracy: disjoint, each in the data's order."""
+    if not 0 < reward_size < len(images):
+        raise AutoDFPError(f"{images.name} holds {len(images)} images: the reward set must be "
+                           f"1..{len(images) - 1} of them (the rest are the test images), got "
+                           f"{reward_size}")
+    order = np.random.default_rng(seed).permutation(len(images))
+    reward, test = np.sort(order[:reward_size]), np.sort(order[reward_size:])
+    return (images.subset(reward, f"{images.name}-reward-{reward_size}-seed{seed}"),
+            images.subset(test, f"{images.name}-test-seed{seed}"))
+
+
 def _stratified_train(size: int, seed: int, *, after: int, name: str) -> ImageSet:
     train = _jpeg_train()
     if not 0 < size <= len(train) - after:

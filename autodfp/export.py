@@ -179,7 +179,7 @@ def load_pruned(path: str | Path) -> tuple[nn.Module, ModelSpec, Strategy]:
 
 def shrink_to(model: nn.Module, spec: ModelSpec, channels: dict[str, int]) -> None:
     """Give each group of a fresh model the recorded channel count (weights are loaded after)."""
-    graph = ChannelGraph(model, spec.example_input())
+    graph = ChannelGraph(model, spec.example_input(), coupled=True)  # names any group recorded
     for name, count in channels.items():
         group = graph.group(name)
         if not 0 < count <= group.channels:

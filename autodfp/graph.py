@@ -2,12 +2,17 @@
 
 A *group* is the set of channels that must be removed together: the output channels of one
 producer conv, the BN after it, any depthwise convs that follow channel-for-channel, and the
-input channels of every consumer. We keep a group prunable when it has exactly one producer.
+input channels of every consumer. A group with exactly one producer is always prunable.
+
 Groups with several producers are outputs of layers that are *added* (ResNet block outputs,
-MobileNetV2 residual stages); their channels are coupled across a whole stage and, with
-option-A shortcuts, through a zero-pad that Torch-Pruning treats as channel-preserving, so we
-exclude them and say why. For the CIFAR ResNets this leaves exactly the block-internal channels
-(``conv1`` -> ``bn1`` -> ``conv2``), the layers Neuron Merging prunes.
+MobileNetV2 and EfficientNet residual stages): their channels are coupled across a whole stage.
+By default they are excluded, and said why; with ``coupled=True`` they are prunable too, the
+same channels removed from every producer, BN and consumer of the add (as Torch-Pruning and
+DFPC do). One case stays excluded: producers of different widths in one group, which is what an
+option-A shortcut (a zero-pad from one stage's width to the next's, which Torch-Pruning treats
+as channel-preserving) ties together: the CIFAR ResNets' block outputs, where removing a channel
+would need the pad itself to change. For those ResNets the block-internal channels (``conv1``
+-> ``bn1`` -> ``conv2``) are what remains, the layers Neuron Merging prunes.
 """
 
 from __future__ import annotations
@@ -40,6 +45,19 @@ class ChannelGroup:
     """Depthwise convs between producer and consumers; they are pruned along."""
     consumer_bn: dict[str, nn.BatchNorm2d | None] = field(default_factory=dict)
     """The BN right after each consumer (where a constant input shift can be folded)."""
+    coupled: dict[str, nn.Conv2d] = field(default_factory=dict)
+    """For a residual-coupled group: every producer whose outputs are added (``producer`` is
+    the first); empty for a group with one producer."""
+    coupled_bn: dict[str, nn.BatchNorm2d | None] = field(default_factory=dict)
+    """The BN after each coupled producer."""
+    depthwise_bn: nn.BatchNorm2d | None = None
+    """The BN after the (last) depthwise conv, when there is one."""
+    depthwise_act: str = "relu"
+    """The activation after that BN, as a module shows it (``relu6``, ``relu``; functional
+    activations cannot be seen and are taken as ``relu``)."""
+    consumer_sources: dict[str, list[str]] = field(default_factory=dict)
+    """For a coupled group: which producers' outputs have been added into each consumer's
+    input (a block's expansion reads the stream before that block adds its own)."""
 
     @property
     def channels(self) -> int:
@@ -48,7 +66,17 @@ class ChannelGroup:
     @property
     def reconstructable(self) -> bool:
         """Compensation folds into consumers only across producer -> BN -> activation."""
-        return self.bn is not None and not self.depthwise
+        return self.bn is not None and not self.depthwise and not self.coupled
+
+    def selection_weight(self) -> torch.Tensor:
+        """What a selection criterion scores, one row per channel: the producer's filters, or
+        for a coupled group every producer's filters side by side."""
+        if not self.coupled:
+            return self.producer.weight
+        weights = [p.weight.detach() for p in self.coupled.values()]
+        if len({w.shape[2:] for w in weights}) > 1:  # mixed kernel sizes: 1x1 "kernels"
+            weights = [w.flatten(1)[..., None, None] for w in weights]
+        return torch.cat(weights, dim=1)
 
 
 @dataclass(frozen=True)
@@ -60,12 +88,15 @@ class ExcludedGroup:
 class ChannelGraph:
     """The prunable groups of ``model`` and the means to remove channels from them in place."""
 
-    def __init__(self, model: nn.Module, example_input: torch.Tensor):
+    def __init__(self, model: nn.Module, example_input: torch.Tensor, *, coupled: bool = False):
         self.model = model
+        self.allow_coupled = coupled
+        self._example = example_input
         self.names = {module: name for name, module in model.named_modules()}
         self._dg = tp.DependencyGraph().build_dependency(
             model, example_inputs=example_input, verbose=False)
         self.following_bn = following_batchnorms(model, example_input)
+        self.following_act = following_activations(model, example_input)
         self.groups: dict[str, ChannelGroup] = {}
         self.excluded: list[ExcludedGroup] = []
         self._classify()
@@ -73,6 +104,7 @@ class ChannelGraph:
     def _classify(self) -> None:
         seen: set[str] = set()
         found: dict[str, ChannelGroup] = {}
+        order = {n: i for i, (n, _) in enumerate(self.model.named_modules())}
         for group in self._dg.get_all_groups(root_module_types=[nn.Conv2d]):
             producers, bns, depthwise, consumers = [], [], [], {}
             for dep, _ in group:
@@ -94,23 +126,74 @@ class ChannelGraph:
             if key in seen:
                 continue
             seen.add(key)
-            if len(producers) != 1:
-                label = producers[0] if producers else key
-                self.excluded.append(ExcludedGroup(
-                    label, f"residual-coupled: outputs of {len(producers)} layers are added "
-                           f"({', '.join(producers[:3])}{', ...' if len(producers) > 3 else ''})"))
+            producers.sort(key=lambda n: order[n])
+            reason = self._why_not_prunable(producers, consumers)
+            if reason:
+                self.excluded.append(ExcludedGroup(producers[0] if producers else key, reason))
                 continue
             producer = self.model.get_submodule(producers[0])
-            if not consumers:
-                self.excluded.append(ExcludedGroup(producers[0], "no consumer layer"))
-                continue
-            bn = self.following_bn.get(producer)
+            coupled = ({n: self.model.get_submodule(n) for n in producers}
+                       if len(producers) > 1 else {})
+            depthwise = sorted(set(depthwise), key=lambda n: order[n])
+            depthwise_bn = (self.following_bn.get(self.model.get_submodule(depthwise[-1]))
+                            if depthwise else None)
             found[producers[0]] = ChannelGroup(
-                producers[0], producer, bn, consumers, sorted(set(depthwise)),
-                {n: self.following_bn.get(m) for n, m in consumers.items()})
+                producers[0], producer, self.following_bn.get(producer), consumers, depthwise,
+                {n: self.following_bn.get(m) for n, m in consumers.items()}, coupled,
+                {n: self.following_bn.get(m) for n, m in coupled.items()},
+                depthwise_bn, self.following_act.get(depthwise_bn, "relu"),
+                self._consumer_sources(coupled, consumers) if coupled else {})
         order = [name for name, _ in self.model.named_modules()]
         self.groups = {n: found[n] for n in sorted(found, key=order.index)}
         self.excluded.sort(key=lambda g: order.index(g.name) if g.name in order else len(order))
+
+    def _why_not_prunable(self, producers: list[str], consumers: dict) -> str | None:
+        if not producers:
+            return "no producer conv"
+        if len(producers) > 1:
+            listed = f"{', '.join(producers[:3])}{', ...' if len(producers) > 3 else ''}"
+            widths = {self.model.get_submodule(n).out_channels for n in producers}
+            if len(widths) > 1:
+                return (f"residual-coupled across widths {sorted(widths)} (a zero-pad "
+                        f"shortcut): outputs of {len(producers)} layers are added ({listed})")
+            if not self.allow_coupled:
+                return (f"residual-coupled: outputs of {len(producers)} layers are added "
+                        f"({listed}); --coupled prunes them together")
+        if not consumers:
+            return "no consumer layer"
+        return None
+
+    @torch.no_grad()
+    def _consumer_sources(self, producers: dict[str, nn.Module],
+                          consumers: dict[str, nn.Module]) -> dict[str, list[str]]:
+        """Which producers reach each consumer's input, found by adding 1 to one producer's
+        output (after its BN) at a time and watching the consumers' mean inputs move by 1."""
+        means: dict[str, torch.Tensor] = {}
+
+        def watch(name):
+            return lambda module, inputs: means.__setitem__(name, inputs[0].mean())
+
+        def run(bump: nn.Module | None) -> dict[str, torch.Tensor]:
+            handles = [m.register_forward_pre_hook(watch(n)) for n, m in consumers.items()]
+            if bump is not None:
+                handles.append(bump.register_forward_hook(lambda m, i, out: out + 1.0))
+            try:
+                self.model.eval()(self._example)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            return dict(means)
+
+        was_training = self.model.training
+        base = run(None)
+        sources: dict[str, list[str]] = {n: [] for n in consumers}
+        for name, producer in producers.items():
+            moved = run(self.following_bn.get(producer) or producer)
+            for consumer in consumers:
+                if abs(float(moved[consumer] - base[consumer]) - 1.0) < 0.5:
+                    sources[consumer].append(name)
+        self.model.train(was_training)
+        return sources
 
     def group(self, name: str) -> ChannelGroup:
         if name not in self.groups:
@@ -128,6 +211,34 @@ class ChannelGraph:
         if len(drop) == group.channels:
             raise AutoDFPError(f"cannot remove every channel of {name}")
         self._dg.get_pruning_group(group.producer, tp.prune_conv_out_channels, idxs=drop).prune()
+
+
+ACTIVATIONS = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Identity: "none"}
+
+
+def following_activations(model: nn.Module, example_input: torch.Tensor) -> dict:
+    """Map each BatchNorm to the activation module that consumes its output directly."""
+    produced_by: dict[int, nn.Module] = {}
+    follows: dict[nn.Module, str] = {}
+
+    def hook(module, inputs, output):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            produced_by[id(output)] = module
+        elif inputs and id(inputs[0]) in produced_by:
+            follows[produced_by[id(inputs[0])]] = ACTIVATIONS[type(module)]
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm) or type(m) in ACTIVATIONS]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return follows
 
 
 def following_batchnorms(model: nn.Module, example_input: torch.Tensor) -> dict:

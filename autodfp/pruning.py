@@ -81,7 +81,8 @@ def apply_strategy(strategy: Strategy, base: tuple[nn.Module, ModelSpec] | None 
     reading them for a ``calibrate`` quantization without a calibration."""
     model, spec = base if base is not None else load_base(strategy)
     if strategy.calibration is not None and calibrator is None:
-        calibrator = Calibrator.for_model(model, spec, strategy.calibration, progress=progress)
+        calibrator = Calibrator.for_model(model, spec, strategy.calibration, progress=progress,
+                                          coupled=strategy.coupled)
         strategy = dataclasses.replace(strategy, calibration=calibrator.config)  # + image digest
     elif calibrator is not None and calibrator.config != strategy.calibration:
         raise ValueError("the calibrator was made for another calibration than the strategy's")
@@ -91,7 +92,7 @@ def apply_strategy(strategy: Strategy, base: tuple[nn.Module, ModelSpec] | None 
             and strategy.quant_config().compensate.startswith("calibrate")):
         # made from the unpruned model, like a calibration's (read from the cache after once)
         quant_images = default_quant_images(model, spec, progress=progress)
-    graph = ChannelGraph(model, spec.example_input())
+    graph = ChannelGraph(model, spec.example_input(), coupled=strategy.coupled)
     layers = quantizable_layers(model)
     unknown = [name for name, action in strategy.layers.items()
                if name not in graph.groups and (action.keep < 1.0 or name not in layers)]
@@ -106,11 +107,12 @@ def apply_strategy(strategy: Strategy, base: tuple[nn.Module, ModelSpec] | None 
         n_keep = action.kept_channels(group.channels)
         if n_keep == group.channels:
             continue
-        keep = criterion.select(group.producer.weight, n_keep)
+        keep = criterion.select(group.selection_weight(), n_keep)
         if reconstruct(strategy.reconstruct, group, keep, action.coef, strategy.options):
             compensated.append(name)
-        kept_outputs[name] = sorted(keep.tolist())
-        for layer in (name, *group.consumers):
+        for producer in group.coupled or [name]:
+            kept_outputs[producer] = sorted(keep.tolist())
+        for layer in (*(group.coupled or [name]), *group.consumers):
             ridges.setdefault(layer, []).append(action.coef)
         graph.prune(name, keep)
     refitted, seconds = [], 0.0
@@ -136,25 +138,28 @@ def default_quant_images(model: nn.Module, spec: ModelSpec, *, progress: bool = 
 
 
 def prunable_groups(model_name: str, checkpoint: str | None = None,
-                    input_spec: InputSpec | None = None) -> dict[str, int]:
+                    input_spec: InputSpec | None = None, coupled: bool = False) -> dict[str, int]:
     """Name -> channel count of every prunable group of a model."""
     model, spec = build_model(model_name, checkpoint, pretrained=False, input_spec=input_spec)
-    graph = ChannelGraph(model, spec.example_input())
+    graph = ChannelGraph(model, spec.example_input(), coupled=coupled)
     return {n: g.channels for n, g in graph.groups.items()}
 
 
 def uniform_strategy(model_name: str, keep: float, *, select: str = "l1",
                      reconstruct: str = "neuron-merging", coef: float = 1.0,
                      checkpoint: str | None = None, bits: int | None = None,
-                     input_spec: InputSpec | None = None, **option_overrides) -> Strategy:
+                     input_spec: InputSpec | None = None, coupled: bool = False,
+                     **option_overrides) -> Strategy:
     """The same keep ratio for every prunable group; with ``bits``, every conv and linear
     layer quantized to that many bits."""
     action = LayerAction(keep, coef, bits)
-    layers = {name: action for name in prunable_groups(model_name, checkpoint, input_spec)}
+    layers = {name: action
+              for name in prunable_groups(model_name, checkpoint, input_spec, coupled)}
     if bits is not None:
         model, _ = build_model(model_name, checkpoint, pretrained=False, input_spec=input_spec)
         layers = {name: layers.get(name, LayerAction(1.0, coef, bits))
                   for name in quantizable_layers(model)}
     return Strategy(model_name, layers, select, reconstruct, checkpoint,
                     checkpoint_digest(model_name, checkpoint),
-                    ReconstructionOptions(**option_overrides), input=input_spec)
+                    ReconstructionOptions(**option_overrides), input=input_spec,
+                    coupled=coupled)

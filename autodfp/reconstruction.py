@@ -66,6 +66,12 @@ class ReconstructionOptions:
     """UDFC: kept channels per pruned channel, most correlated first; 0 = all kept channels."""
     udfc_ridge: float = 1e-3
     """UDFC: ridge on the normal equations, relative to the mean partner variance."""
+    depthwise_mean: bool = True
+    """Groups with a depthwise conv before their consumers: fold each cut channel's mean (after
+    the depthwise conv's BN and activation) into the consumers; False: nothing folded."""
+    coupled_mean: bool = True
+    """Residual-coupled groups: fold each cut channel's mean (the sum of its producers' BN
+    shifts) into the consumers; False: cut them with nothing folded."""
 
     def __post_init__(self):
         if self.nm_sigma not in ("var", "std"):
@@ -109,7 +115,13 @@ def reconstruct(method: str, group: ChannelGroup, keep: torch.Tensor, coef: floa
     """
     if method not in METHODS:
         raise AutoDFPError(f"unknown reconstruction {method!r}; choose one of {', '.join(METHODS)}")
-    if method == "none" or not group.reconstructable or len(keep) == group.channels:
+    if method == "none" or len(keep) == group.channels:
+        return False
+    if group.coupled:
+        return options.coupled_mean and _compensate_coupled_means(group, keep.numpy())
+    if group.depthwise:
+        return options.depthwise_mean and _compensate_depthwise_means(group, keep.numpy())
+    if not group.reconstructable:
         return False
     filters = filter_matrix(group.producer.weight)
     bn = BNStats.of(group.bn)
@@ -218,6 +230,46 @@ def udfc(filters: np.ndarray, keep: np.ndarray, bn: BNStats,
         merge[p, order] = coeffs
         shift[p] = first[p] - coeffs @ first[k]
     return Compensation(merge, shift)
+
+
+@torch.no_grad()
+def _compensate_depthwise_means(group: ChannelGroup, keep: np.ndarray) -> bool:
+    """Producer -> BN -> act -> depthwise -> BN -> act -> consumers: a cut channel's filters
+    cannot be merged across the depthwise conv, but its mean at the consumers can be kept: the
+    depthwise BN's output is N(beta, gamma^2) under the training statistics, and the consumers
+    read the activation of it (ReLU or ReLU6). Returns False without that BN."""
+    if group.depthwise_bn is None:
+        return False
+    mu, sd = BNStats.of(group.depthwise_bn).activation_gaussian()
+    if group.depthwise_act == "none":
+        mean = mu
+    else:
+        mean = relu_mean(mu, sd)
+        if group.depthwise_act == "relu6":  # min(relu(x), 6) = relu(x) - relu(x - 6)
+            mean = mean - relu_mean(mu - 6.0, sd)
+    fold_into_consumers(group, keep, Compensation(np.zeros((group.channels, len(keep))), mean))
+    return True
+
+
+@torch.no_grad()
+def _compensate_coupled_means(group: ChannelGroup, keep: np.ndarray) -> bool:
+    """A residual-coupled channel, where a consumer reads it, is the sum of the BN outputs of the
+    producers added so far (``group.consumer_sources``), with no activation after the BNs: its
+    mean under the training statistics is the sum of their shifts. Each consumer takes that
+    mean as a constant input; no kept channel stands in for a cut one (the producers' filters
+    need not agree on a partner). Returns False when a producer has no BN."""
+    if any(bn is None for bn in group.coupled_bn.values()):
+        return False
+    shift = {name: BNStats.of(bn).beta for name, bn in group.coupled_bn.items()}
+    pruned = torch.from_numpy(np.setdiff1d(np.arange(group.channels), keep))
+    for name, consumer in group.consumers.items():
+        sources = group.consumer_sources.get(name, [])
+        if not sources:
+            continue
+        mean = torch.from_numpy(sum(shift[s] for s in sources))[pruned]
+        constant = torch.einsum("op...,p->o", consumer.weight[:, pruned].double(), mean)
+        _add_constant_output(consumer, group.consumer_bn.get(name), constant)
+    return True
 
 
 @torch.no_grad()

@@ -81,6 +81,8 @@ class Strategy:
     """Calibration after pruning; None: none (the closed-form compensation alone)."""
     quantization: QuantConfig | None = None
     """How layers with ``bits`` are quantized; None: the defaults when any layer has bits."""
+    coupled: bool = False
+    """Residual-coupled groups are prunable too (:class:`autodfp.graph.ChannelGraph`)."""
     input: InputSpec | None = None
     """Input size, mean and std where they differ from what the model says of itself
     (:func:`autodfp.models.build_model`); None: the model's own."""
@@ -111,6 +113,7 @@ class Strategy:
             **({"quantization": self.quant_config().to_dict()}
                if self.quantization or self.layer_bits else {}),
             **({"input": self.input.to_dict()} if self.input and self.input.to_dict() else {}),
+            **({"coupled": True} if self.coupled else {}),
         }
 
     @classmethod
@@ -130,7 +133,7 @@ class Strategy:
                        quantization=(QuantConfig.from_dict(quantization)
                                      if quantization is not None else None),
                        input=InputSpec.from_dict(data.get("input")) if data.get("input")
-                       else None)
+                       else None, coupled=_flag(data.get("coupled", False), "coupled"))
         except (KeyError, TypeError, AttributeError) as exc:
             raise AutoDFPError(f"malformed strategy: {type(exc).__name__}: {exc}") from None
 
@@ -150,6 +153,12 @@ class Strategy:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise AutoDFPError(f"cannot read strategy {path}: {exc}") from None
         return cls.from_dict(data)
+
+
+def _flag(value, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise AutoDFPError(f"strategy {what} must be true or false, got {value!r}")
+    return value
 
 
 def kept_channels(keep: float, channels: int) -> int:

@@ -34,13 +34,14 @@ import numpy as np
 
 from autodfp.calibration import Calibrator, CalibrationConfig
 from autodfp.costmodel import MacsModel
-from autodfp.data import reward_split
+from autodfp.data import ImageSet, load_split, load_user_data, reward_split, split_user_data
 from autodfp.errors import AutoDFPError
 from autodfp.graph import ChannelGraph
-from autodfp.metrics import accuracy
+from autodfp.metrics import accuracy, check_labelled_images
 from autodfp.models import InputSpec
 from autodfp.pruning import (apply_strategy, checkpoint_digest, default_quant_images,
                              load_base)
+from autodfp.report import REPORT_SPLITS
 from autodfp.quantization import (FLOAT_BITS, QuantConfig, check_bits, layer_macs,
                                   quantizable_layers, weight_bytes)
 from autodfp.settings import check_choice, from_mapping
@@ -93,8 +94,19 @@ class EnvConfig:
     """Per-channel mean on [0, 1] RGB; None: the model's own."""
     std: list | None = None
     """Per-channel std on [0, 1] RGB; None: the model's own."""
+    coupled: bool = False
+    """Also decide residual-coupled groups (the same channels cut from every layer of an add;
+    :class:`autodfp.graph.ChannelGraph`)."""
     reward_size: int = 5000
-    """Images in the reward split (class-stratified, from the training images)."""
+    """Images in the reward split (class-stratified, from the training images; with ``data``,
+    a seeded random share of it, the rest being the test images)."""
+    data: str | None = None
+    """Labelled user images (ImageFolder tree, a .tar of one, or .npz) instead of CIFAR-10:
+    the reward and the test images are both drawn from them, disjoint."""
+    class_index: str | None = None
+    """With ``data``: JSON mapping class folders to model output indices."""
+    crop_ratio: float = 0.875
+    """With ``data``: center crop share after resizing (autodfp.data.load_user_data)."""
     reward_seed: int = 0
     """Seed of the reward split."""
     macs_budget: float = 0.5
@@ -151,6 +163,19 @@ class EnvConfig:
         return CalibrationConfig.from_dict(self.calibration)
 
 
+def search_images(config: EnvConfig, spec) -> tuple[ImageSet, list[ImageSet]]:
+    """A search's reward images and its test images: from ``config.data`` (disjoint, seeded),
+    or the CIFAR-10 training images (reward) and the two test splits."""
+    if config.data is None:
+        return (reward_split(config.reward_size, config.reward_seed),
+                [load_split(name) for name in REPORT_SPLITS])
+    images = load_user_data(config.data, input_size=spec.input_size,
+                            crop_ratio=config.crop_ratio, class_index=config.class_index,
+                            progress=True)
+    reward, test = split_user_data(images, config.reward_size, config.reward_seed)
+    return reward, [test]
+
+
 def _resolve_device(device: str) -> str:
     import torch
 
@@ -173,11 +198,12 @@ class AutoDFPEnv(gym.Env):
                                  self.config.reconstruct, self.config.checkpoint,
                                  checkpoint_digest(self.config.model, self.config.checkpoint),
                                  calibration=self.config.calibration_config(),
-                                 input=self.config.input_spec())
+                                 input=self.config.input_spec(), coupled=self.config.coupled)
         self._template = base_strategy
         self._base_model, self._spec = load_base(base_strategy)
         self.device = _resolve_device(self.config.device)  # pruned copies are evaluated there
-        self._images = reward_split(self.config.reward_size, self.config.reward_seed)
+        self._images = search_images(self.config, self._spec)[0]
+        check_labelled_images(self._images, self._base_model, self._spec)  # before any search
         self.group_names, self._channels, self._static = self._describe_groups()
         self._fixed_macs, self._group_macs = self._macs_model()
         self.quant = self.config.quant_search()
@@ -186,7 +212,8 @@ class AutoDFPEnv(gym.Env):
         self._calibrator = None
         if base_strategy.calibration is not None:
             self._calibrator = Calibrator.for_model(self._base_model, self._spec,
-                                                    base_strategy.calibration)
+                                                    base_strategy.calibration,
+                                                    coupled=self.config.coupled)
             base_strategy.calibration = self._calibrator.config  # with the user images' digest
         self._quant_images = None
         if (self.quant and self._calibrator is None
@@ -203,7 +230,7 @@ class AutoDFPEnv(gym.Env):
 
     def _describe_groups(self):
         model = copy.deepcopy(self._base_model)
-        graph = ChannelGraph(model, self._spec.example_input())
+        graph = ChannelGraph(model, self._spec.example_input(), coupled=self.config.coupled)
         names = list(graph.groups)
         if not names:
             raise AutoDFPError(f"{self.config.model} has no prunable channel groups")
@@ -221,7 +248,7 @@ class AutoDFPEnv(gym.Env):
     def _macs_model(self) -> tuple[float, np.ndarray]:
         """The exact MACs model (:class:`autodfp.costmodel.MacsModel`); returns its fixed part
         and each group's linear MACs (observations and the fair share use these)."""
-        self._macs = MacsModel.measure(self._base_model, self._spec)
+        self._macs = MacsModel.measure(self._base_model, self._spec, coupled=self.config.coupled)
         if list(self._macs.names) != self.group_names:
             raise AssertionError("cost model groups differ from the env's")
         self._base_macs = self._macs.base
@@ -231,7 +258,7 @@ class AutoDFPEnv(gym.Env):
         t = self._template
         fields = {"model": t.model, "select": t.select, "reconstruct": t.reconstruct,
                   "checkpoint": t.checkpoint, "checkpoint_sha256": t.checkpoint_sha256,
-                  "calibration": t.calibration, "input": t.input}
+                  "calibration": t.calibration, "input": t.input, "coupled": t.coupled}
         if self.config.quantize is not None:
             fields["quantization"] = QuantConfig(compensate=self.config.quant_search().compensate)
         return fields

@@ -99,7 +99,12 @@ def cmd_export(args) -> int:
         pruned = apply_strategy(Strategy.from_dict(best["strategy"]))
     search.update(episode=best["episode"], reward_accuracy=best["accuracy"],
                   macs_ratio_model=best["macs_ratio"])
-    write_pruned(pruned, args, {"search": search})
+    from envs.autodfp_env import search_images
+    from launch.search import load_run_config
+
+    splits = None if args.no_eval else search_images(
+        load_run_config(run_dir).env_config(), pruned.spec)[1]
+    write_pruned(pruned, args, {"search": search}, splits=splits)
     return 0
 
 

@@ -18,6 +18,9 @@ from autodfp.errors import AutoDFPError
 from autodfp.settings import from_mapping
 from envs.autodfp_env import EnvConfig
 
+ENV_PATHS = ("checkpoint", "data", "class_index")
+"""env_config fields that name files, relative to the directory the search is started from."""
+
 PRESETS_DIR = Path(__file__).parent / "presets"
 
 
@@ -99,7 +102,11 @@ class SearchConfig:
         except (OSError, yaml.YAMLError) as exc:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise AutoDFPError(f"cannot read search config {path}: {first}") from None
-        return cls.from_dict(data or {})
+        config = cls.from_dict(data or {})
+        for key in ENV_PATHS:  # env runners may start elsewhere: pin paths to this directory
+            if isinstance(config.env.get(key), str):
+                config.env[key] = str(Path(config.env[key]).resolve())
+        return config
 
     def save(self, path: Path) -> None:
         from autodfp.io import atomic_write_text

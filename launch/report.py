@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 
-from autodfp.data import load_split
 from autodfp.io import atomic_write_text
 from autodfp.metrics import accuracy
 from autodfp.pruning import apply_strategy
@@ -96,7 +95,7 @@ def _save(fig, path: Path) -> Path:
 
 def compare_with_baselines(run_dir: Path, *, progress: bool = True) -> dict:
     """SAC's best against uniform and random search at the same budget, on the test images."""
-    from envs.autodfp_env import AutoDFPEnv
+    from envs.autodfp_env import AutoDFPEnv, search_images
     from envs.baselines import random_search, uniform_search
 
     cfg = load_run_config(run_dir)
@@ -105,7 +104,7 @@ def compare_with_baselines(run_dir: Path, *, progress: bool = True) -> dict:
     env = AutoDFPEnv(cfg.env)
     uniform = uniform_search(env)
     random = random_search(env, episodes, seed=cfg.seed)
-    test_sets = [load_split("test-lossless"), load_split("test-jpeg")]
+    test_sets = search_images(env.config, env._spec)[1]
     rows = {
         "sac": _row("SAC (best episode)", Strategy.from_dict(best["strategy"]), best["accuracy"],
                     best["macs_ratio"], test_sets, progress),
@@ -138,11 +137,18 @@ def _read_compare(run_dir: Path) -> dict | None:
 
 
 def format_compare(result: dict) -> str:
-    lines = [f"MACs budget {result['macs_budget']:.2f}; reward = accuracy on the reward split "
-             "(training images); test = lossless 1,017 and JPEG 10,000",
-             f"{'method':44s} {'MACs':>6s} {'reward':>7s} {'lossless':>9s} {'JPEG':>7s}"]
+    names = list(next(iter(result["rows"].values()))["test"])
+    short = {"test-lossless": "lossless", "test-jpeg": "JPEG"}
+    heads = [short.get(n, n[-24:]) for n in names]
+    cifar = names == ["test-lossless", "test-jpeg"]
+    lines = [f"MACs budget {result['macs_budget']:.2f}; reward = accuracy on the reward split"
+             + (" (training images); test = lossless 1,017 and JPEG 10,000" if cifar
+                else f"; test = {', '.join(names)} (disjoint from it)"),
+             f"{'method':44s} {'MACs':>6s} {'reward':>7s} "
+             + " ".join(f"{h:>{max(len(h) + 1, 7)}s}" for h in heads)]
     for row in result["rows"].values():
-        test = row["test"]
+        cells = " ".join(f"{row['test'][n]:{max(len(h) + 1, 7) - 1}.2f}%"
+                         for n, h in zip(names, heads))
         lines.append(f"{row['label'][:44]:44s} {row['macs_ratio']:6.3f} {row['reward']:7.4f} "
-                     f"{test['test-lossless']:8.2f}% {test['test-jpeg']:6.2f}%")
+                     f"{cells}")
     return "\n".join(lines)

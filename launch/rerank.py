@@ -56,13 +56,18 @@ def rerank(run_dir, k: int, images: int):
     from autodfp.pruning import apply_strategy, load_base
 
     env = load_run_config(run_dir).env_config()
+    if env.data is not None:
+        raise AutoDFPError("--rerank draws its validation images from the CIFAR-10 training "
+                           "images; a search on --data user images has none apart: export "
+                           "without --rerank")
     candidates = top_strategies(run_dir, k)
     if not candidates:
         raise AutoDFPError(f"{run_dir} has no complete episode to choose from")
     validation = validation_split(images, env.reward_size, env.reward_seed)
     base = load_base(candidates[0][1])
     calibration = candidates[0][1].calibration
-    calibrator = (Calibrator.for_model(*base, calibration, progress=True)
+    calibrator = (Calibrator.for_model(*base, calibration, progress=True,
+                                       coupled=candidates[0][1].coupled)
                   if calibration is not None else None)
     rows, chosen, best_score = [], None, -1.0
     for i, (episode, strategy) in enumerate(candidates, start=1):

@@ -255,7 +255,8 @@ def _prepare_synthetic_images(env_config, calibration) -> None:
     from autodfp.models import build_model
     from autodfp.synthetic import cache_path, synthetic_images
 
-    model, spec = build_model(env_config.model, env_config.checkpoint)
+    model, spec = build_model(env_config.model, env_config.checkpoint,
+                              input_spec=env_config.input_spec())
     if cache_path(model, spec.input_size, calibration.synth).is_file():
         return
     print(f"synthesising {calibration.count} calibration images for {env_config.model} "

@@ -198,6 +198,9 @@ CASES = {
     "search env with a zero std": (lambda t: ["search", _config(
         t, "env: {model: resnet20, std: [0, 1, 1]}\n"), "--storage", OUT],
         "std must be finite numbers > 0", None),
+    "ImageNet model in a CIFAR-10 search": (lambda t: ["search", _config(
+        t, "env: {model: efficientnet_lite1, reward_size: 20, calibration: null}\n"),
+        "--storage", OUT], "efficientnet_lite1 takes 240x240x3", None),
     "out-of-range search value": (lambda t: ["search", _config(t, "episodes: -5\n"),
                                              "--storage", OUT], "episodes must be", None),
     "unreachable budget": (lambda t: ["search", _config(

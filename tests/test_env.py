@@ -51,10 +51,11 @@ def test_projection_keeps_the_budget_reachable_for_any_actions(env):
         assert min(keeps) >= CONFIG["keep_lower"] - 1e-9
 
 
-@pytest.mark.parametrize("model", ["vgg16_bn", "mobilenetv2"])
-def test_chained_groups_keep_the_budget_by_an_independent_count(model, tmp_path):
+@pytest.mark.parametrize("model,coupled", [("vgg16_bn", False), ("mobilenetv2", True)])
+def test_chained_groups_keep_the_budget_by_an_independent_count(model, coupled, tmp_path):
     """A conv between two pruned groups costs keep_i * keep_j: the cost model counts it, so the
-    projection holds the budget (a linear model let VGG-16 run over it)."""
+    projection holds the budget (a linear model let VGG-16 run over it); MobileNetV2 with its
+    residual-coupled groups decided too."""
     import torch
 
     from autodfp.metrics import count_macs
@@ -64,13 +65,14 @@ def test_chained_groups_keep_the_budget_by_an_independent_count(model, tmp_path)
     budget = 0.5
     env = AutoDFPEnv({"model": model, "checkpoint": str(tmp_path / "random.pt"),
                       "reward_size": 20, "macs_budget": budget, "calibration": None,
-                      "reconstruct": "none", "keep_lower": 0.1})
+                      "reconstruct": "none", "keep_lower": 0.1, "coupled": coupled})
     base = count_macs(weights, spec)
     rng = np.random.default_rng(1)
     for episode in range(4):
         actions = np.ones((len(env.group_names), 2)) if episode == 0 else rng.random(
             (len(env.group_names), 2))
         _, info = run_episode(env, actions)
+        assert info["strategy"].get("coupled", False) == coupled
         pruned = apply_strategy(Strategy.from_dict(info["strategy"]))
         counted = count_macs(pruned.model, spec) / base
         assert counted <= budget + 1e-12
@@ -137,3 +139,30 @@ def test_calibrated_episodes_time_the_calibration_and_the_coefficient_matters(en
     reward, info = run_episode(uncalibrated, np.tile([0.5, 1.0], (9, 1)))
     assert info["strategy"]["calibration"] is None and info["timing"]["calibrate_s"] == 0
     assert reward < rewards[1.0]
+
+
+def test_reward_and_test_images_from_user_data_are_disjoint(tmp_path, lossless):
+    from PIL import Image
+
+    from envs.autodfp_env import EnvConfig, search_images
+
+    for i in range(60):
+        folder = tmp_path / "tree" / f"c{lossless.y[i]}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(lossless.x[i]).save(folder / f"{i:02d}.png")
+    if len(list((tmp_path / "tree").iterdir())) != 10:
+        pytest.skip("the first 60 test images miss a class")
+    config = {"model": "resnet20", "data": str(tmp_path / "tree"), "reward_size": 40,
+              "calibration": None, "macs_budget": 0.6, "keep_lower": 0.25}
+    reward, (test,) = search_images(EnvConfig.from_dict(config), build_model("resnet20")[1])
+    assert (len(reward), len(test)) == (40, 20)
+    as_bytes = lambda images: {bytes(x) for x in images.x}  # noqa: E731
+    assert not as_bytes(reward) & as_bytes(test)
+    assert as_bytes(reward) | as_bytes(test) == {bytes(x) for x in lossless.x[:60]}
+    env = AutoDFPEnv(config)
+    reward_acc, info = run_episode(env, np.full((len(env.group_names), 2), 0.5))
+    pruned = apply_strategy(Strategy.from_dict(info["strategy"]))
+    assert reward_acc == accuracy(pruned.model, reward, pruned.spec) / 100.0
+    with pytest.raises(AutoDFPError, match="the reward set must be 1..59"):
+        search_images(EnvConfig.from_dict({**config, "reward_size": 60}),
+                      build_model("resnet20")[1])

@@ -45,7 +45,7 @@ def test_mobilenetv2_depthwise_follows_its_producer():
     assert model.blocks[4].conv[6].in_channels == 96
     assert model(spec.example_input(2)).shape == (2, 10)
     # Residual stage outputs are coupled and left alone.
-    assert any(g.name == "blocks.5.conv.6" and "residual" in g.reason for g in graph.excluded)
+    assert any("blocks.5.conv.6" in g.reason and "residual" in g.reason for g in graph.excluded)
 
 
 def test_vgg_every_conv_is_a_group_and_the_last_feeds_the_classifier():
@@ -54,3 +54,60 @@ def test_vgg_every_conv_is_a_group_and_the_last_feeds_the_classifier():
     graph.prune("features.40", torch.arange(100))
     assert model.classifier.in_features == 100
     assert model(spec.example_input(2)).shape == (2, 10)
+
+
+def test_coupled_groups_prune_every_member_of_the_add():
+    model, spec = build_model("mobilenetv2", pretrained=False)
+    graph = ChannelGraph(model, spec.example_input(), coupled=True)
+    group = graph.groups["blocks.1.conv.6"]  # the projections of a residual stage
+    assert list(group.coupled) == ["blocks.1.conv.6", "blocks.2.conv.6"]
+    assert not group.reconstructable and group.selection_weight().shape[0] == group.channels
+    graph.prune("blocks.1.conv.6", torch.arange(10))
+    assert all(m.out_channels == 10 for m in group.coupled.values())
+    assert all(m.in_channels == 10 for m in group.consumers.values())
+    assert model(spec.example_input(2)).shape == (2, 10)
+    # option A ties widths through a zero-pad: excluded even with coupled=True, and said why
+    _, resnet_spec, _ = graph_of("resnet20")
+    resnet = ChannelGraph(build_model("resnet20", pretrained=False)[0],
+                          resnet_spec.example_input(), coupled=True)
+    assert [g.name for g in resnet.excluded] == ["conv1"]
+    assert "zero-pad shortcut" in resnet.excluded[0].reason
+
+
+def test_coupled_mean_compensation_is_exact_for_constant_channels(tmp_path):
+    """A cut coupled channel whose every producer's BN output is constant (gamma 0) carries
+    only its mean: folding the mean into the 1x1 consumers reproduces the unpruned outputs."""
+    from autodfp.pruning import apply_strategy
+    from autodfp.strategy import LayerAction, Strategy
+
+    model, spec = build_model("mobilenetv2", pretrained=False)
+    torch.manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.bias.data.normal_()
+    group = ChannelGraph(model, spec.example_input(), coupled=True).groups["blocks.1.conv.6"]
+    weakest = group.selection_weight().abs().flatten(1).sum(1).argsort()[:8]  # L1 cuts these
+    for bn in group.coupled_bn.values():
+        bn.weight.data[weakest] = 0.0
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    x = spec.example_input(2)
+
+    def consumer_output(net):  # the BN after a consumer of the cut channels
+        seen = []
+        handle = net.blocks[3].conv[1].register_forward_hook(lambda m, i, o: seen.append(o))
+        with torch.no_grad():
+            net.eval()(x)
+        handle.remove()
+        return seen[0]
+
+    reference = consumer_output(model)
+    outputs = {}
+    for mean in (True, False):
+        strategy = Strategy("mobilenetv2", {"blocks.1.conv.6": LayerAction(16 / 24)},
+                            checkpoint=str(tmp_path / "w.pt"), coupled=True)
+        strategy.options = type(strategy.options)(coupled_mean=mean)
+        pruned = apply_strategy(strategy)
+        assert pruned.channels["blocks.1.conv.6"] == 16
+        outputs[mean] = consumer_output(pruned.model)
+    assert torch.allclose(outputs[True], reference, atol=1e-4)
+    assert not torch.allclose(outputs[False], reference, atol=1e-2)
