@@ -153,7 +153,7 @@ def test_reward_and_test_images_from_user_data_are_disjoint(tmp_path, lossless):
     if len(list((tmp_path / "tree").iterdir())) != 10:
         pytest.skip("the first 60 test images miss a class")
     config = {"model": "resnet20", "data": str(tmp_path / "tree"), "reward_size": 40,
-              "calibration": None, "macs_budget": 0.6, "keep_lower": 0.25}
+              "crop_ratio": 1.0, "calibration": None, "macs_budget": 0.6, "keep_lower": 0.25}
     reward, (test,) = search_images(EnvConfig.from_dict(config), build_model("resnet20")[1])
     assert (len(reward), len(test)) == (40, 20)
     as_bytes = lambda images: {bytes(x) for x in images.x}  # noqa: E731

@@ -175,7 +175,8 @@ def _plain_accuracy(model: nn.Module, tar_path, index_path, side: int, mean, std
             if not member.isfile():
                 continue
             image = Image.open(io.BytesIO(tar.extractfile(member).read()))
-            x = torch.from_numpy(_reference_fit(image, side, 0.875)).permute(2, 0, 1).float()
+            pixels = np.array(_reference_fit(image, side, 0.875))  # writable
+            x = torch.from_numpy(pixels).permute(2, 0, 1).float()
             x = (x / 255 - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
             right += int(model(x[None]).argmax(1).item() == index[member.name.split("/")[-2]])
             total += 1
