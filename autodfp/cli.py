@@ -57,8 +57,8 @@ def bits_number(text: str) -> int:
     return value
 
 
-def _numbers(what: str, kind, count: int | None = None):
-    """argparse type: comma-separated numbers (``count`` of them, or one broadcast)."""
+def _numbers(what: str, kind):
+    """argparse type: comma-separated numbers (one is repeated for every channel later)."""
     def parse(text: str) -> tuple:
         try:
             values = tuple(kind(v) for v in text.split(","))
@@ -263,18 +263,30 @@ def read_model_card(path: Path) -> dict:
                            f"known: {', '.join(CARD_KEYS)}")
     out = {}
     for key, value in card.items():
-        if key in ("checkpoint", "class_index") and value is not None:
-            value = Path(value) if Path(value).is_absolute() else path.parent / value
-            value = str(value) if key == "checkpoint" else value
-        elif key == "input_size" and value is not None:
-            value = input_size_value(",".join(map(str, value if isinstance(value, list)
-                                                  else [value])))
-        elif key in ("mean", "std") and isinstance(value, list):
-            value = tuple(value)
-        elif key in ("mean", "std") and isinstance(value, (int, float)):
-            value = (value,)
-        out[key] = value
+        if key in ("model", "checkpoint", "class_index") and not isinstance(value, (str, type(None))):
+            raise AutoDFPError(f"model card {path}: {key} must be a string, got {value!r}")
+        try:
+            out[key] = _card_value(key, value, path.parent)
+        except argparse.ArgumentTypeError as exc:
+            raise AutoDFPError(f"model card {path}: {exc}") from None
     return out
+
+
+def _card_value(key: str, value, folder: Path):
+    """One model card field as the flag's parser would give it."""
+    if value is None:
+        return None
+    if key in ("checkpoint", "class_index"):
+        value = Path(value) if Path(value).is_absolute() else folder / value
+        return str(value) if key == "checkpoint" else value
+    if key == "crop_ratio":
+        return _fraction("crop ratio", zero_allowed=False)(str(value))
+    if key == "input_size":
+        return input_size_value(",".join(map(str, value if isinstance(value, list) else [value])))
+    if key in ("mean", "std"):
+        return _numbers(key, float)(",".join(map(str, value if isinstance(value, list)
+                                                 else [value])))
+    return value
 
 
 def input_spec_from_args(args):

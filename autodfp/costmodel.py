@@ -65,7 +65,8 @@ class MacsModel:
         pair = np.zeros((len(names), len(names)))
         for i, j in pairs:
             both = saved(i, j)
-            pair[i, j] = (alone[i] + alone[j] - both) / ((1 - probe_share[i]) * (1 - probe_share[j]))
+            cut = (1 - probe_share[i]) * (1 - probe_share[j])
+            pair[i, j] = (alone[i] + alone[j] - both) / cut
         touching = pair.sum(axis=0) + pair.sum(axis=1)
         linear = alone / (1 - probe_share) - touching
         fixed = base - linear.sum() - pair.sum()

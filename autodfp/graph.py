@@ -214,48 +214,38 @@ class ChannelGraph:
 
 
 ACTIVATIONS = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Identity: "none"}
-
-
-def following_activations(model: nn.Module, example_input: torch.Tensor) -> dict:
-    """Map each BatchNorm to the activation module that consumes its output directly."""
-    produced_by: dict[int, nn.Module] = {}
-    follows: dict[nn.Module, str] = {}
-
-    def hook(module, inputs, output):
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            produced_by[id(output)] = module
-        elif inputs and id(inputs[0]) in produced_by:
-            follows[produced_by[id(inputs[0])]] = ACTIVATIONS[type(module)]
-
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, nn.modules.batchnorm._BatchNorm) or type(m) in ACTIVATIONS]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(example_input)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    return follows
+_BATCHNORM = nn.modules.batchnorm._BatchNorm
 
 
 def following_batchnorms(model: nn.Module, example_input: torch.Tensor) -> dict:
     """Map each conv/linear to the BatchNorm that consumes its output tensor directly."""
-    produced_by: dict[int, nn.Module] = {}
+    return _direct_successors(model, example_input,
+                              lambda m: isinstance(m, (nn.Conv2d, nn.Linear)),
+                              lambda m: isinstance(m, _BATCHNORM))
+
+
+def following_activations(model: nn.Module, example_input: torch.Tensor) -> dict:
+    """Map each BatchNorm to the kind of activation module that consumes its output directly."""
+    found = _direct_successors(model, example_input, lambda m: isinstance(m, _BATCHNORM),
+                               lambda m: type(m) in ACTIVATIONS)
+    return {bn: ACTIVATIONS[type(act)] for bn, act in found.items()}
+
+
+def _direct_successors(model: nn.Module, example_input: torch.Tensor, is_source,
+                       is_sink) -> dict:
+    """Source module -> the sink module whose first input is that source's output tensor, seen
+    in one forward pass (a module called twice keeps its last successor)."""
+    produced: dict[int, tuple[nn.Module, torch.Tensor]] = {}  # the tensor kept: ids stay unique
     follows: dict[nn.Module, nn.Module] = {}
 
     def hook(module, inputs, output):
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
-            produced_by[id(output)] = module
-        elif isinstance(module, nn.modules.batchnorm._BatchNorm) and inputs:
-            source = produced_by.get(id(inputs[0]))
-            if source is not None:
-                follows[source] = module
+        if is_sink(module) and inputs and id(inputs[0]) in produced:
+            follows[produced[id(inputs[0])][0]] = module
+        if is_source(module):
+            produced[id(output)] = (module, output)
 
     handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm))]
+               if is_source(m) or is_sink(m)]
     was_training = model.training
     try:
         model.eval()

@@ -173,6 +173,9 @@ CASES = {
                                           _file(t, "card.yaml", "model: resnet20\nsize: 3\n"),
                                           "--keep", "0.5", "--out", OUT],
                                "unknown model card key(s)", None),
+    "model card with text for a crop ratio": (
+        lambda t: ["eval", "--model-card", _file(t, "card.yaml", "model: resnet20\ncrop_ratio: "
+                                                 "abc\n")], "model card", None),
     "missing model card": (lambda t: [*PRUNE, "--model-card", t / "in" / "none.yaml", "--out",
                                       OUT], "model card not found", None),
     "fewer class folders than outputs": (
