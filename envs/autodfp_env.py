@@ -339,8 +339,12 @@ class AutoDFPEnv(gym.Env):
             return self._get_obs(), 0.0, False, False, {}
         strategy = self.strategy()
         reward = self.evaluate(strategy)
+        # strategy_json, a string, is what crosses a vector env: gymnasium's DictInfoToList
+        # (RLlib's env runners) drops every nested key that starts with "_" as a mask, which
+        # takes EfficientNet's layer names (_blocks.0...) out of the strategy dict.
         info = {"accuracy": reward, "macs_ratio": self.macs_ratio(),
-                "strategy": strategy.to_dict(), "timing": dict(self.last_timing)}
+                "strategy": strategy.to_dict(), "strategy_json": strategy.to_json(),
+                "timing": dict(self.last_timing)}
         if self.quant:
             info["budget_ratio"] = self.budget_ratio()
         return self._get_obs(), reward, True, False, info

@@ -48,7 +48,7 @@ class RecordingReplayBuffer(PrioritizedEpisodeReplayBuffer):
             if not episode.is_done:
                 continue
             info = episode.get_infos(-1)
-            if "strategy" not in info:
+            if "strategy_json" not in info:
                 continue
             final = float(episode.get_rewards(-1))
             if self.reward_to_all_steps:
@@ -58,7 +58,7 @@ class RecordingReplayBuffer(PrioritizedEpisodeReplayBuffer):
                 episode.set_rewards(new_data=np.full(len(episode), final, dtype=np.float32))
             self.finished.append(_plain({"accuracy": info["accuracy"],
                                          "macs_ratio": info["macs_ratio"],
-                                         "strategy": info["strategy"],
+                                         "strategy": json.loads(info["strategy_json"]),
                                          **({"budget_ratio": info["budget_ratio"]}
                                             if "budget_ratio" in info else {}),
                                          "timing": info.get("timing", {})}))

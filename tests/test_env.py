@@ -166,3 +166,23 @@ def test_reward_and_test_images_from_user_data_are_disjoint(tmp_path, lossless):
     with pytest.raises(AutoDFPError, match="the reward set must be 1..59"):
         search_images(EnvConfig.from_dict({**config, "reward_size": 60}),
                       build_model("resnet20")[1])
+
+
+def test_strategy_crosses_a_vector_env_with_underscored_layer_names():
+    """RLlib's env runners wrap envs in gymnasium's DictInfoToList, which drops nested keys
+    starting with "_"; the strategy travels as JSON so that no layer is lost."""
+    import gymnasium as gym
+    import json
+
+    config = {"model": "tests.user_models:underscored_net", "reward_size": 20,
+              "calibration": None, "macs_budget": 0.8, "keep_lower": 0.5}
+    envs = gym.wrappers.vector.DictInfoToList(
+        gym.vector.SyncVectorEnv([lambda: AutoDFPEnv(config)]))
+    envs.reset(seed=0)
+    for _ in range(2):  # two groups: _stem.0 and _body.0
+        _, _, terminated, _, infos = envs.step(np.full((1, 2), 0.5, dtype=np.float32))
+    assert terminated[0]
+    assert infos[0]["strategy"]["layers"] == {}  # what the dict loses on the way
+    layers = json.loads(infos[0]["strategy_json"])["layers"]
+    assert list(layers) == ["_stem.0", "_body.0"]
+    envs.close()

@@ -30,3 +30,25 @@ def pretrained_tiny_net():
     model.mean = (0.5, 0.5, 0.5)
     model.std = (0.25, 0.25, 0.25)
     return model
+
+
+class _Underscored(nn.Module):
+    """Layer names that start with "_", as EfficientNet's do (``_blocks.0._expand_conv``)."""
+
+    def __init__(self):
+        super().__init__()
+        self._stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
+                                   nn.ReLU())
+        self._body = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, bias=False),
+                                   nn.BatchNorm2d(16), nn.ReLU())
+        self._fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self._fc(self._body(self._stem(x)).mean(dim=(2, 3)))
+
+
+def underscored_net():
+    import torch
+
+    torch.manual_seed(0)
+    return _Underscored()
