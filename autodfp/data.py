@@ -63,7 +63,50 @@ class ImageSet:
         return digest.hexdigest()[:16]
 
     def subset(self, index: np.ndarray, name: str) -> "ImageSet":
-        return ImageSet(name, self.x[index], self.y[index], self.num_classes)
+        """The images at ``index``; images on disk (a memory map) stay there, read on use."""
+        index = np.asarray(index)
+        on_disk = isinstance(self.x, (np.memmap, RowsOnDisk))
+        x = RowsOnDisk(self.x, index) if on_disk else self.x[index]
+        return ImageSet(name, x, self.y[index], self.num_classes)
+
+
+class RowsOnDisk:
+    """Rows ``index`` of a memory-mapped array, read only when sliced: a subset of 50,000
+    cached ImageNet images does not copy them into memory. Slicing and integer-array indexing
+    give arrays, as numpy would."""
+
+    def __init__(self, base, index: np.ndarray):
+        if isinstance(base, RowsOnDisk):
+            base, index = base.base, base.index[index]
+        self.base, self.index = base, np.asarray(index, dtype=np.int64)
+
+    @property
+    def shape(self) -> tuple:
+        return (len(self.index), *self.base.shape[1:])
+
+    @property
+    def ndim(self) -> int:
+        return self.base.ndim
+
+    @property
+    def dtype(self):
+        return self.base.dtype
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, key) -> np.ndarray:
+        rows = self.index[key]
+        if np.ndim(rows) == 0:
+            return np.asarray(self.base[int(rows)])
+        order = np.argsort(rows, kind="stable")  # read the file forwards
+        out = np.empty((len(rows), *self.base.shape[1:]), dtype=self.base.dtype)
+        out[order] = self.base[rows[order]]
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        array = self[:]
+        return array if dtype is None else array.astype(dtype)
 
 
 def shared_dir() -> Path:
