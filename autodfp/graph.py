@@ -17,7 +17,9 @@ would need the pad itself to change. For those ResNets the block-internal channe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -55,9 +57,18 @@ class ChannelGroup:
     depthwise_act: str = "relu"
     """The activation after that BN, as a module shows it (``relu6``, ``relu``; functional
     activations cannot be seen and are taken as ``relu``)."""
-    consumer_sources: dict[str, list[str]] = field(default_factory=dict)
-    """For a coupled group: which producers' outputs have been added into each consumer's
-    input (a block's expansion reads the stream before that block adds its own)."""
+    probe_sources: Callable[[], dict[str, list[str]]] | None = field(
+        default=None, repr=False, compare=False)
+    """For a coupled group: finds :meth:`consumer_sources` (forward passes, so on demand)."""
+
+    def consumer_sources(self) -> dict[str, list[str]]:
+        """For a coupled group: which producers' outputs have been added into each consumer's
+        input (a block's expansion reads the stream before that block adds its own)."""
+        if self.probe_sources is None:
+            return {}
+        if not hasattr(self, "_sources"):
+            self._sources = self.probe_sources()
+        return self._sources
 
     @property
     def channels(self) -> int:
@@ -95,8 +106,7 @@ class ChannelGraph:
         self.names = {module: name for name, module in model.named_modules()}
         self._dg = tp.DependencyGraph().build_dependency(
             model, example_inputs=example_input, verbose=False)
-        self.following_bn = following_batchnorms(model, example_input)
-        self.following_act = following_activations(model, example_input)
+        self.following_bn, self.following_act = following_layers(model, example_input)
         self.groups: dict[str, ChannelGroup] = {}
         self.excluded: list[ExcludedGroup] = []
         self._classify()
@@ -142,7 +152,7 @@ class ChannelGraph:
                 {n: self.following_bn.get(m) for n, m in consumers.items()}, coupled,
                 {n: self.following_bn.get(m) for n, m in coupled.items()},
                 depthwise_bn, self.following_act.get(depthwise_bn, "relu"),
-                self._consumer_sources(coupled, consumers) if coupled else {})
+                partial(self._consumer_sources, coupled, consumers) if coupled else None)
         order = [name for name, _ in self.model.named_modules()]
         self.groups = {n: found[n] for n in sorted(found, key=order.index)}
         self.excluded.sort(key=lambda g: order.index(g.name) if g.name in order else len(order))
@@ -217,35 +227,32 @@ ACTIVATIONS = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Identity: "none"}
 _BATCHNORM = nn.modules.batchnorm._BatchNorm
 
 
-def following_batchnorms(model: nn.Module, example_input: torch.Tensor) -> dict:
-    """Map each conv/linear to the BatchNorm that consumes its output tensor directly."""
-    return _direct_successors(model, example_input,
-                              lambda m: isinstance(m, (nn.Conv2d, nn.Linear)),
-                              lambda m: isinstance(m, _BATCHNORM))
+def following_layers(model: nn.Module, example_input: torch.Tensor) -> tuple[dict, dict]:
+    """In one forward pass: each conv/linear -> the BatchNorm that consumes its output directly,
+    and each BatchNorm -> the kind of activation module that consumes its output directly."""
+    bn_after, act_after = _direct_successors(model, example_input, [
+        (lambda m: isinstance(m, (nn.Conv2d, nn.Linear)), lambda m: isinstance(m, _BATCHNORM)),
+        (lambda m: isinstance(m, _BATCHNORM), lambda m: type(m) in ACTIVATIONS)])
+    return bn_after, {bn: ACTIVATIONS[type(act)] for bn, act in act_after.items()}
 
 
-def following_activations(model: nn.Module, example_input: torch.Tensor) -> dict:
-    """Map each BatchNorm to the kind of activation module that consumes its output directly."""
-    found = _direct_successors(model, example_input, lambda m: isinstance(m, _BATCHNORM),
-                               lambda m: type(m) in ACTIVATIONS)
-    return {bn: ACTIVATIONS[type(act)] for bn, act in found.items()}
-
-
-def _direct_successors(model: nn.Module, example_input: torch.Tensor, is_source,
-                       is_sink) -> dict:
-    """Source module -> the sink module whose first input is that source's output tensor, seen
-    in one forward pass (a module called twice keeps its last successor)."""
-    produced: dict[int, tuple[nn.Module, torch.Tensor]] = {}  # the tensor kept: ids stay unique
-    follows: dict[nn.Module, nn.Module] = {}
+def _direct_successors(model: nn.Module, example_input: torch.Tensor,
+                       kinds: list[tuple]) -> list[dict]:
+    """For each (is_source, is_sink) pair: source module -> the sink module whose first input
+    is that source's output tensor, all seen in one forward pass (a module called twice keeps
+    its last successor)."""
+    produced = [{} for _ in kinds]  # id -> (module, tensor): the tensor kept, ids stay unique
+    follows: list[dict] = [{} for _ in kinds]
 
     def hook(module, inputs, output):
-        if is_sink(module) and inputs and id(inputs[0]) in produced:
-            follows[produced[id(inputs[0])][0]] = module
-        if is_source(module):
-            produced[id(output)] = (module, output)
+        for (is_source, is_sink), made, found in zip(kinds, produced, follows):
+            if is_sink(module) and inputs and id(inputs[0]) in made:
+                found[made[id(inputs[0])][0]] = module
+            if is_source(module):
+                made[id(output)] = (module, output)
 
     handles = [m.register_forward_hook(hook) for m in model.modules()
-               if is_source(m) or is_sink(m)]
+               if any(src(m) or sink(m) for src, sink in kinds)]
     was_training = model.training
     try:
         model.eval()

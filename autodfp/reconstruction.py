@@ -255,7 +255,7 @@ def _compensate_depthwise_means(group: ChannelGroup, keep: np.ndarray) -> bool:
 @torch.no_grad()
 def _compensate_coupled_means(group: ChannelGroup, keep: np.ndarray) -> bool:
     """A residual-coupled channel, where a consumer reads it, is the sum of the BN outputs of the
-    producers added so far (``group.consumer_sources``), with no activation after the BNs: its
+    producers added so far (``group.consumer_sources()``), with no activation after the BNs: its
     mean under the training statistics is the sum of their shifts. Each consumer takes that
     mean as a constant input; no kept channel stands in for a cut one (the producers' filters
     need not agree on a partner). Returns False when a producer has no BN."""
@@ -263,8 +263,9 @@ def _compensate_coupled_means(group: ChannelGroup, keep: np.ndarray) -> bool:
         return False
     shift = {name: BNStats.of(bn).beta for name, bn in group.coupled_bn.items()}
     pruned = torch.from_numpy(np.setdiff1d(np.arange(group.channels), keep))
+    reach = group.consumer_sources()
     for name, consumer in group.consumers.items():
-        sources = group.consumer_sources.get(name, [])
+        sources = reach.get(name, [])
         if not sources:
             continue
         mean = torch.from_numpy(sum(shift[s] for s in sources))[pruned]

@@ -205,7 +205,7 @@ class AutoDFPEnv(gym.Env):
         self._images = search_images(self.config, self._spec)[0]
         check_labelled_images(self._images, self._base_model, self._spec)  # before any search
         self.group_names, self._channels, self._static = self._describe_groups()
-        self._fixed_macs, self._group_macs = self._macs_model()
+        self._macs = MacsModel.measure(self._base_model, self._spec, coupled=self.config.coupled)
         self.quant = self.config.quant_search()
         self._constraints = self._budget_constraints()
         self._check_budget_reachable()
@@ -245,15 +245,6 @@ class AutoDFPEnv(gym.Env):
                          conv.stride[0] / 4, *similarity_stats(conv.weight).as_list()])
         return names, channels, np.clip(np.array(rows), 0.0, 1.0)
 
-    def _macs_model(self) -> tuple[float, np.ndarray]:
-        """The exact MACs model (:class:`autodfp.costmodel.MacsModel`); returns its fixed part
-        and each group's linear MACs (observations and the fair share use these)."""
-        self._macs = MacsModel.measure(self._base_model, self._spec, coupled=self.config.coupled)
-        if list(self._macs.names) != self.group_names:
-            raise AssertionError("cost model groups differ from the env's")
-        self._base_macs = self._macs.base
-        return self._macs.fixed, self._macs.linear
-
     def strategy_fields(self) -> dict:
         t = self._template
         fields = {"model": t.model, "select": t.select, "reconstruct": t.reconstruct,
@@ -266,8 +257,8 @@ class AutoDFPEnv(gym.Env):
     def _budget_constraints(self) -> list["_Budget"]:
         """The MACs budget, and with ``quantize`` the weight-bytes or BitOPs budget, each as
         ``fixed + sum_i unit[i] * keep_i * (bits_i / 32 if it depends on bits)``."""
-        macs = _Budget("MACs", "macs_budget", self.config.macs_budget, self._fixed_macs,
-                       self._group_macs, self._base_macs, uses_bits=False, pair=self._macs.pair)
+        macs = _Budget("MACs", "macs_budget", self.config.macs_budget, self._macs.fixed,
+                       self._macs.linear, self._macs.base, uses_bits=False, pair=self._macs.pair)
         if self.quant is None or self.quant.budget == "macs":
             return [macs]
         layers = quantizable_layers(self._base_model)
@@ -352,9 +343,9 @@ class AutoDFPEnv(gym.Env):
     def _get_obs(self) -> np.ndarray:
         t = min(self._t, len(self.group_names) - 1)
         done = self._kept[: self._t]
-        removed = (self._group_macs[: self._t] * (1 - done / self._channels[: self._t])).sum()
-        later = self._group_macs[t + 1:].sum() if self._t < len(self.group_names) else 0.0
-        dynamic = [removed / self._base_macs, later / self._base_macs, *self._prev_action]
+        removed = (self._macs.linear[: self._t] * (1 - done / self._channels[: self._t])).sum()
+        later = self._macs.linear[t + 1:].sum() if self._t < len(self.group_names) else 0.0
+        dynamic = [removed / self._macs.base, later / self._macs.base, *self._prev_action]
         if self.quant:
             budget = self._constraints[-1]
             dynamic.append(budget.left(self._t, self._kept / self._channels, self._bits)
@@ -417,7 +408,7 @@ class AutoDFPEnv(gym.Env):
         c, half, one = macs_at(0.0), macs_at(0.5), macs_at(1.0)
         a2 = 2 * (one - 2 * half + c)  # MACs(x) = c + a1 x + a2 x^2
         a1 = one - c - a2
-        need = self.config.macs_budget * self._base_macs - c
+        need = self.config.macs_budget * self._macs.base - c
         if abs(a2) < 1e-9 * max(abs(a1), 1.0):
             return need / a1 if a1 > 0 else 1.0
         return (-a1 + math.sqrt(max(a1 * a1 + 4 * a2 * need, 0.0))) / (2 * a2)
@@ -430,7 +421,7 @@ class AutoDFPEnv(gym.Env):
         return self._macs_ratio(self._kept_and_bits(strategy)[0])
 
     def _macs_ratio(self, kept: np.ndarray) -> float:
-        return self._macs.macs_of_kept(kept) / self._base_macs
+        return self._macs.macs_of_kept(kept) / self._macs.base
 
     def budget_ratio(self) -> float:
         """Share of the quantize budget's quantity the current episode's strategy keeps."""
