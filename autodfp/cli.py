@@ -711,7 +711,9 @@ def cmd_models(args) -> int:
 
     print(f"{'model':12s} {'weights':34s} prunable groups")
     for name, spec in REGISTRY.items():
-        weights = spec.checkpoint or "none ship (train; --checkpoint)"
+        weights = spec.checkpoint or ("from its package ([imagenet] extra)"
+                                      if spec.pretrained_factory
+                                      else "none ship (train; --checkpoint)")
         print(f"{name:12s} {weights:34s} {len(prunable_groups(name))}")
     return 0
 
