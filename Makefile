@@ -8,12 +8,11 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-# torch==2.13.0 first: the local CPU build. Anything that lets pip pick torch itself pulls
-# several GB of CUDA packages.
+# docker/install.sh: torch==2.13.0 first (the local CPU build; anything that lets pip pick
+# torch itself pulls several GB of CUDA packages), then the package, editable. The Docker
+# images run the same script, so the two installs cannot drift.
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test,onnx,imagenet]'
+	PYTHON=$(PYTHON) bash docker/install.sh --venv $(VENV)
 	touch $(STAMP)
 
 # A short SAC search on an embedded local Ray, its export, and SAC against uniform and random

@@ -25,6 +25,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -186,39 +187,73 @@ def _resolve_device(device: str) -> str:
     return device
 
 
+@dataclass
+class EnvAssets:
+    """What an env loads before its first episode: the unpruned model, the reward images and
+    the calibration set. Loaded once where the search starts and handed to every env runner
+    (through the Ray object store, :mod:`launch.search`), so that a worker needs neither the
+    weights file nor the images."""
+
+    template: Strategy
+    """The strategy fields every episode shares (model, checkpoint digest, calibration...)."""
+    model: object
+    """The unpruned model (a torch module)."""
+    spec: object
+    images: ImageSet
+    """The reward split."""
+    calibrator: Calibrator | None
+    quant_images: object | None
+
+    @classmethod
+    def load(cls, config: EnvConfig) -> "EnvAssets":
+        template = Strategy(config.model, {}, config.select, config.reconstruct,
+                            config.checkpoint, checkpoint_digest(config.model, config.checkpoint),
+                            calibration=config.calibration_config(),
+                            input=config.input_spec(), coupled=config.coupled)
+        model, spec = load_base(template)
+        images = search_images(config, spec)[0]
+        check_labelled_images(images, model, spec)  # before any search
+        calibrator = None
+        if template.calibration is not None:
+            calibrator = Calibrator.for_model(model, spec, template.calibration,
+                                              coupled=config.coupled)
+            template.calibration = calibrator.config  # with the user images' digest
+        quant = config.quant_search()
+        quant_images = None
+        if quant and calibrator is None and quant.compensate.startswith("calibrate"):
+            quant_images = default_quant_images(model, spec)
+        return cls(template, model, spec, images, calibrator, quant_images)
+
+    def portable(self) -> "EnvAssets":
+        """The same, with the reward images in memory (a memory-mapped cache is a file on
+        this machine only)."""
+        images = self.images
+        if not isinstance(images.x, np.ndarray) or isinstance(images.x, np.memmap):
+            images = ImageSet(images.name, np.array(images.x[:]), np.asarray(images.y),
+                              images.num_classes)
+        return dataclasses.replace(self, images=images)
+
+
 class AutoDFPEnv(gym.Env):
     metadata = {"render_modes": []}
 
-    def __init__(self, env_config: dict | None = None):
+    def __init__(self, env_config: dict | None = None, assets: EnvAssets | None = None):
         self.config = EnvConfig.from_dict(env_config)
         if self.config.torch_threads > 0:
             import torch
             torch.set_num_threads(self.config.torch_threads)
-        base_strategy = Strategy(self.config.model, {}, self.config.select,
-                                 self.config.reconstruct, self.config.checkpoint,
-                                 checkpoint_digest(self.config.model, self.config.checkpoint),
-                                 calibration=self.config.calibration_config(),
-                                 input=self.config.input_spec(), coupled=self.config.coupled)
-        self._template = base_strategy
-        self._base_model, self._spec = load_base(base_strategy)
+        assets = assets or EnvAssets.load(self.config)
+        self._template = assets.template
+        self._base_model, self._spec = assets.model, assets.spec
         self.device = _resolve_device(self.config.device)  # pruned copies are evaluated there
-        self._images = search_images(self.config, self._spec)[0]
-        check_labelled_images(self._images, self._base_model, self._spec)  # before any search
+        self._images = assets.images
         self.group_names, self._channels, self._static = self._describe_groups()
         self._macs = MacsModel.measure(self._base_model, self._spec, coupled=self.config.coupled)
         self.quant = self.config.quant_search()
         self._constraints = self._budget_constraints()
         self._check_budget_reachable()
-        self._calibrator = None
-        if base_strategy.calibration is not None:
-            self._calibrator = Calibrator.for_model(self._base_model, self._spec,
-                                                    base_strategy.calibration,
-                                                    coupled=self.config.coupled)
-            base_strategy.calibration = self._calibrator.config  # with the user images' digest
-        self._quant_images = None
-        if (self.quant and self._calibrator is None
-                and self.quant.compensate.startswith("calibrate")):
-            self._quant_images = default_quant_images(self._base_model, self._spec)
+        self._calibrator = assets.calibrator
+        self._quant_images = assets.quant_images
         self._cache: dict[str, float] = {}
         self.last_timing: dict = {}
         self.action_space = gym.spaces.Box(0.0, 1.0, shape=(3 if self.quant else 2,),

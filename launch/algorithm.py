@@ -1,137 +1,188 @@
-"""RLlib SAC (new API stack) specialised for the AutoDFP search.
+"""RLlib SAC (new API stack) for the AutoDFP search, and the callbacks that keep its books.
 
-Two things plain SAC lacks here:
+- :class:`AutoDFPSAC` is SAC whose checkpoints hold the replay buffer (ray-project/ray#43266:
+  on the new stack they do not, so a resumed SAC would restart on an empty buffer).
+- :class:`EpisodeBook` is the per-episode bookkeeping, in RLlib's callbacks:
 
-- The replay buffer is saved in checkpoints (ray-project/ray#43266: on the new stack it is not,
-  so a resumed SAC would restart on an empty buffer): :meth:`AutoDFPSAC.get_state` adds it.
-- Every finished episode passes through :class:`RecordingReplayBuffer.add` on the driver side,
-  where (a) the final reward is copied onto every step (AMC's trick; with ``gamma=0`` each
-  layer's action is credited with the episode's accuracy) and (b) the episode's strategy,
-  accuracy and MACs ratio are recorded. :meth:`AutoDFPSAC.step` turns those records into Tune
-  results (per-episode accuracy, MACs ratio, best strategy's per-layer keep ratios), an
-  ``episodes.jsonl`` log, and ``best.json`` written atomically into the trial folder.
+  * ``on_episode_end`` (on the env runner) copies the final reward onto every step (AMC's
+    trick; with ``gamma=0`` each layer's action is credited with the episode's accuracy) and
+    sends the episode's record (accuracy, MACs ratio, strategy, timings, episode id) to the
+    driver as an ``item_series`` metric, in the same sample that carries its steps;
+  * ``on_train_result`` (in the algorithm's process) appends the iteration's new records to
+    ``episodes.jsonl``, keeps ``best.json``, and puts ``autodfp/...`` results in the Tune
+    result (per-episode accuracy and MACs ratio, the best so far, its per-layer keep ratios,
+    env runner restarts). Both files go through :class:`launch.storage.Location`, so a run
+    on a bucket works as one on a disk.
+
+Exactly once: a record carries its episode id; ids already in ``episodes.jsonl`` are skipped.
+An env runner that dies takes its unfinished sample with it, steps and records together, so
+SAC never learns from an episode the log lacks, or the reverse.
 
 Resume policy: after ``kill -9`` Tune may restart from an older checkpoint, or from scratch
 when it had not yet recorded one. The networks and replay buffer come from that checkpoint,
 but evaluated strategies are never forgotten: ``episodes.jsonl`` keeps every episode ever
-evaluated (numbered on), and the best strategy is the better of the checkpoint's and the
-``best.json`` on disk.
+evaluated (numbered on), and ``best.json`` the best of them.
 """
 
 from __future__ import annotations
 
 import json
+import posixpath
 import time
-from pathlib import Path
+from functools import partial
 
 import numpy as np
 from ray.rllib.algorithms.sac import SAC
-from ray.rllib.utils.replay_buffers.prioritized_episode_buffer import (
-    PrioritizedEpisodeReplayBuffer,
-)
+from ray.rllib.callbacks.callbacks import RLlibCallback
 
-from autodfp.io import atomic_write_text
+from envs.autodfp_env import AutoDFPEnv
+from launch.storage import Location
 
 BEST_FILE = "best.json"
 EPISODES_FILE = "episodes.jsonl"
+EPISODES_METRIC = "autodfp_episodes"
+"""Env runner metric that carries finished episodes' records to the driver."""
+TRIAL_PREFIX = "AutoDFPSAC_"
+ASSETS_KEY = "assets"
+"""The env_config entry holding the object-store reference to the env's assets."""
 
 
-class RecordingReplayBuffer(PrioritizedEpisodeReplayBuffer):
-    def __init__(self, *args, reward_to_all_steps: bool = True, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.reward_to_all_steps = reward_to_all_steps
-        self.finished: list[dict] = []
+class ObjectStoreEnv(AutoDFPEnv):
+    """The AutoDFP env fed from the Ray object store: RLlib hands ``env_config`` over as it
+    is and does not resolve an ObjectRef nested in it, so the env gets it here."""
 
-    def add(self, episodes, weight=None):
-        episodes = episodes if isinstance(episodes, list) else [episodes]
-        for episode in episodes:
-            if not episode.is_done:
-                continue
-            info = episode.get_infos(-1)
-            if "strategy_json" not in info:
-                continue
-            final = float(episode.get_rewards(-1))
-            if self.reward_to_all_steps:
-                rewards = episode.rewards.data
-                if isinstance(rewards, np.ndarray) and not rewards.flags.writeable:
-                    episode.rewards.data = rewards.copy()  # episodes from remote runners
-                episode.set_rewards(new_data=np.full(len(episode), final, dtype=np.float32))
-            self.finished.append(_plain({"accuracy": info["accuracy"],
-                                         "macs_ratio": info["macs_ratio"],
-                                         "strategy": json.loads(info["strategy_json"]),
-                                         **({"budget_ratio": info["budget_ratio"]}
-                                            if "budget_ratio" in info else {}),
-                                         "timing": info.get("timing", {})}))
-        super().add(episodes, weight)
+    def __init__(self, env_config: dict | None = None):
+        import ray
 
-    def drain(self) -> list[dict]:
-        finished, self.finished = self.finished, []
-        return finished
+        env_config = dict(env_config or {})
+        refs = env_config.pop(ASSETS_KEY, None)
+        super().__init__(env_config, assets=ray.get(refs[0]) if refs else None)
 
 
-def _quantized_fields(record: dict) -> dict:
-    """Per-layer bits and the budget share of a mixed-precision episode (nothing otherwise)."""
-    layers = record["strategy"]["layers"].values()
-    if not any("bits" in layer for layer in layers):
-        return {}
-    return {"bits": [layer.get("bits") for layer in layers],
-            "budget_ratio": record.get("budget_ratio")}
+def trial_folder_name(trial) -> str:
+    """Tune's ``trial_dirname_creator``: short trial folder names."""
+    return TRIAL_PREFIX + trial.trial_id
 
 
 class AutoDFPSAC(SAC):
-    def setup(self, config):
-        super().setup(config)
-        self.autodfp = {"episodes": 0, "best": self._best_on_disk()}
-        self._logged = self._count_logged_episodes()
-
-    def _create_local_replay_buffer_if_necessary(self, config):
-        # SACConfig.validate() accepts buffer types only by name, so the subclass is swapped
-        # in here rather than named in the config.
-        options = {k: v for k, v in config["replay_buffer_config"].items() if k != "type"}
-        options["metrics_num_episodes_for_smoothing"] = (
-            self.config.metrics_num_episodes_for_smoothing)
-        return RecordingReplayBuffer(**options)
-
-    # -- state ----------------------------------------------------------------------------
-
     def get_state(self, components=None, *, not_components=None, **kwargs):
         state = super().get_state(components, not_components=not_components, **kwargs)
-        state["autodfp"] = dict(self.autodfp)
         if self.local_replay_buffer is not None:
             state["replay_buffer"] = self.local_replay_buffer.get_state()
         return state
 
     def set_state(self, state):
         super().set_state(state)
-        if "autodfp" in state:
-            restored = dict(state["autodfp"])
-            restored["best"] = _better(restored.get("best"), self._best_on_disk())
-            self.autodfp = restored
         if "replay_buffer" in state and self.local_replay_buffer is not None:
             self.local_replay_buffer.set_state(state["replay_buffer"])
 
-    # -- results --------------------------------------------------------------------------
 
-    def step(self):
-        result = super().step()
-        finished = self.local_replay_buffer.drain()
-        first = self._logged
-        for i, record in enumerate(finished):
-            self.autodfp["best"] = _better(self.autodfp["best"], {**record, "episode": first + i})
-        self.autodfp["episodes"] += len(finished)
-        self._logged += len(finished)
-        self._log_episodes(finished, first)
-        result["autodfp"] = self._summary(finished)
-        return result
+def episode_book(run: str | None, reward_to_all_steps: bool = True):
+    """The callbacks class for a search whose run folder is ``run`` (a path or URI)."""
+    return partial(EpisodeBook, run=run, reward_to_all_steps=reward_to_all_steps)
 
-    def _summary(self, finished: list[dict]) -> dict:
-        best = self.autodfp["best"]
-        summary = {"episodes_total": self.autodfp["episodes"],
-                   "episodes_this_iter": len(finished)}
-        if finished:
-            summary["accuracy_mean"] = float(np.mean([r["accuracy"] for r in finished]))
-            summary["accuracy_max"] = float(np.max([r["accuracy"] for r in finished]))
-            summary["macs_ratio_mean"] = float(np.mean([r["macs_ratio"] for r in finished]))
+
+class EpisodeBook(RLlibCallback):
+    def __init__(self, run: str | None = None, reward_to_all_steps: bool = True):
+        super().__init__()
+        self.run = run
+        self.reward_to_all_steps = reward_to_all_steps
+        self._log: EpisodeLog | None = None
+
+    # -- on the env runner ----------------------------------------------------------------
+
+    def on_episode_end(self, *, episode, metrics_logger=None, **kwargs):
+        info = episode.get_infos(-1)
+        if "strategy_json" not in info:
+            return
+        if self.reward_to_all_steps:
+            final = float(episode.get_rewards(-1))
+            episode.set_rewards(new_data=[final] * len(episode))
+        record = {"id": episode.id_, "accuracy": info["accuracy"],
+                  "macs_ratio": info["macs_ratio"], "strategy": json.loads(info["strategy_json"]),
+                  **({"budget_ratio": info["budget_ratio"]} if "budget_ratio" in info else {}),
+                  "timing": info.get("timing", {})}
+        metrics_logger.log_value(EPISODES_METRIC, json.dumps(_plain(record)),
+                                 reduce="item_series")
+
+    # -- in the algorithm's process --------------------------------------------------------
+
+    def on_train_result(self, *, algorithm, result, **kwargs):
+        records = [json.loads(r) for r in _items(result.get("env_runners", {})
+                                                 .pop(EPISODES_METRIC, []))]
+        if self._log is None:
+            self._log = EpisodeLog(self._trial_location(algorithm))
+        new = self._log.add(records, result.get("training_iteration", 0))
+        summary = self._log.summary(new)
+        restarts = result.get("fault_tolerance", {}).get("num_remote_worker_restarts")
+        if restarts is not None:
+            summary["env_runner_restarts"] = restarts
+        result["autodfp"] = summary
+
+    def _trial_location(self, algorithm) -> Location | None:
+        """The trial's folder in the run folder. Under Tune, the trainable's ``logdir`` is a
+        local working folder named as the trial's folder in storage."""
+        name = posixpath.basename(str(algorithm.logdir or "").rstrip("/"))
+        if self.run is None or not name.startswith(TRIAL_PREFIX):  # not run by Tune
+            return None
+        return Location.of(self.run).child(name)
+
+
+class EpisodeLog:
+    """``episodes.jsonl`` and ``best.json`` of one trial (in memory only without a location)."""
+
+    def __init__(self, location: Location | None):
+        self.location = location
+        self.ids: set[str] = set()
+        self.count = 0
+        self.best: dict | None = None
+        if location is not None:
+            self._read_back()
+
+    def _read_back(self) -> None:
+        if self.location.is_file(EPISODES_FILE):
+            lines = self.location.read_bytes(EPISODES_FILE).decode(errors="replace").splitlines()
+            complete = [line for line in lines if _record(line) is not None]
+            if len(complete) != len(lines):  # a torn last line from a killed driver
+                self.location.write_text(EPISODES_FILE, "".join(line + "\n" for line in complete))
+            self.count = len(complete)
+            self.ids = {_record(line).get("id") for line in complete}
+        if self.location.is_file(BEST_FILE):
+            try:
+                self.best = json.loads(self.location.read_text(BEST_FILE))
+            except (ValueError, UnicodeDecodeError):
+                self.best = None
+
+    def add(self, records: list[dict], iteration: int) -> list[dict]:
+        """Number, log and rank the records not seen before; returns them."""
+        new = []
+        for record in records:
+            if record["id"] in self.ids:
+                continue
+            self.ids.add(record["id"])
+            record = {**record, "episode": self.count}
+            self.count += 1
+            new.append(record)
+            self.best = _better(self.best, record)
+        if self.location is not None and new:
+            self.location.append_text(EPISODES_FILE, "".join(
+                json.dumps(_log_line(r, iteration)) + "\n" for r in new))
+            self.location.write_text(BEST_FILE, json.dumps(self.best, indent=2) + "\n")
+        return new
+
+    def summary(self, new: list[dict]) -> dict:
+        summary = {"episodes_total": self.count, "episodes_this_iter": len(new)}
+        if new:
+            accuracy = [r["accuracy"] for r in new]
+            macs = [r["macs_ratio"] for r in new]
+            summary.update(accuracy_mean=float(np.mean(accuracy)),
+                           accuracy_max=float(np.max(accuracy)),
+                           accuracy_min=float(np.min(accuracy)),
+                           macs_ratio_mean=float(np.mean(macs)))
+            timing = {k: float(np.mean([r["timing"].get(k, 0.0) for r in new]))
+                      for k in ("surgery_s", "calibrate_s", "eval_s")}
+            summary["timing"] = timing
+        best = self.best
         if best is not None:
             summary["best_accuracy"] = best["accuracy"]
             summary["best_macs_ratio"] = best["macs_ratio"]
@@ -142,52 +193,25 @@ class AutoDFPSAC(SAC):
                                     for name, layer in best["strategy"]["layers"].items()}
         return summary
 
-    # -- files in the trial folder ---------------------------------------------------------
 
-    def _trial_dir(self) -> Path | None:
-        storage = getattr(self, "_storage", None)
-        if storage is None or storage.trial_dir_name is None:
-            return None
-        return Path(storage.trial_fs_path)
+def _items(value) -> list:
+    """An ``item_series`` metric as a list: RLlib hands a lone item over unwrapped, and no
+    item as NaN."""
+    if isinstance(value, str):
+        return [value]
+    return list(value) if isinstance(value, (list, tuple)) else []
 
-    def _log_episodes(self, finished: list[dict], first: int) -> None:
-        trial_dir = self._trial_dir()
-        if trial_dir is None:
-            return
-        trial_dir.mkdir(parents=True, exist_ok=True)
-        if finished:
-            with open(trial_dir / EPISODES_FILE, "a") as log:
-                for i, record in enumerate(finished):
-                    layers = record["strategy"]["layers"]
-                    log.write(json.dumps({
-                        "episode": first + i, "iteration": self.training_iteration + 1,
-                        "accuracy": record["accuracy"], "macs_ratio": record["macs_ratio"],
-                        "keep": [layer["keep"] for layer in layers.values()],
-                        "coef": [layer["coef"] for layer in layers.values()],
-                        **_quantized_fields(record),
-                        "timing": record.get("timing", {}), "time": time.time()}) + "\n")
-        best = self.autodfp["best"]
-        if best is not None:
-            atomic_write_text(trial_dir / BEST_FILE, json.dumps(best, indent=2) + "\n")
 
-    def _best_on_disk(self) -> dict | None:
-        trial_dir = self._trial_dir()
-        path = trial_dir / BEST_FILE if trial_dir else None
-        try:
-            return json.loads(path.read_text()) if path and path.is_file() else None
-        except (OSError, json.JSONDecodeError):
-            return None
-
-    def _count_logged_episodes(self) -> int:
-        trial_dir = self._trial_dir()
-        log = trial_dir / EPISODES_FILE if trial_dir else None
-        if log is None or not log.is_file():
-            return 0
-        lines = log.read_text().splitlines()
-        complete = [line for line in lines if _is_record(line)]
-        if len(complete) != len(lines):  # a torn last line from a killed driver
-            atomic_write_text(log, "".join(line + "\n" for line in complete))
-        return len(complete)
+def _log_line(record: dict, iteration: int) -> dict:
+    layers = record["strategy"]["layers"]
+    line = {"episode": record["episode"], "id": record["id"], "iteration": iteration,
+            "accuracy": record["accuracy"], "macs_ratio": record["macs_ratio"],
+            "keep": [layer["keep"] for layer in layers.values()],
+            "coef": [layer["coef"] for layer in layers.values()]}
+    if any("bits" in layer for layer in layers.values()):  # mixed precision
+        line.update(bits=[layer.get("bits") for layer in layers.values()],
+                    budget_ratio=record.get("budget_ratio"))
+    return {**line, "timing": record.get("timing", {}), "time": time.time()}
 
 
 def _better(a: dict | None, b: dict | None) -> dict | None:
@@ -201,8 +225,9 @@ def _plain(value):
     return json.loads(json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
 
 
-def _is_record(line: str) -> bool:
+def _record(line: str) -> dict | None:
     try:
-        return "episode" in json.loads(line)
+        record = json.loads(line)
     except (ValueError, TypeError):
-        return False
+        return None
+    return record if isinstance(record, dict) and "episode" in record else None

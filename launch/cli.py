@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from autodfp.cli import (add_core_commands, add_output_arguments, dispatch, new_parser,
                          whole_number)
@@ -11,22 +10,21 @@ from autodfp.cli import (add_core_commands, add_output_arguments, dispatch, new_
 
 def add_search_commands(sub) -> dict:
     search = sub.add_parser("search", help="run a SAC search (embedded local Ray by default)")
-    search.add_argument("config", help="YAML config file or preset name (resnet20-quick, "
-                                       "resnet56-half)")
-    search.add_argument("--address", help="join an existing Ray cluster (ray://... or host:port)")
-    search.add_argument("--name", help="run name (default: the config's)")
-    search.add_argument("--storage", help="folder for run folders (default: the config's, runs/)")
-    search.add_argument("--episodes", type=int, help="override the number of episodes")
-    search.add_argument("--num-env-runners", type=int)
-    search.add_argument("--cpus-per-runner", type=float)
-    search.add_argument("--gpus-per-runner", type=float)
+    _add_search_arguments(search)
+    sweep = sub.add_parser("sweep", help="one SAC search per MACs budget, concurrently, in one "
+                                         "Tune experiment; plots the accuracy-vs-MACs front")
+    _add_search_arguments(sweep)
+    sweep.add_argument("--budgets", required=True, type=_budget_list, metavar="B1,B2,...",
+                       help="MACs budgets, e.g. 0.3,0.4,0.5,0.6,0.7")
 
-    resume = sub.add_parser("resume", help="continue a search from its last checkpoint")
-    resume.add_argument("run_dir", type=Path)
+    resume = sub.add_parser("resume", help="continue a search or sweep from its last checkpoint")
+    resume.add_argument("run_dir", help="run folder: a path or a storage URI")
     resume.add_argument("--address")
+    resume.add_argument("--dashboard", action="store_true", help=DASHBOARD_HELP)
 
     export = sub.add_parser("export", help="the best strategy of a run -> pruned model + report")
-    export.add_argument("run_dir", type=Path)
+    export.add_argument("run_dir", help="run folder: a path or a storage URI")
+    export.add_argument("--budget", type=float, help="in a sweep: the trial of this MACs budget")
     export.add_argument("--rerank", type=whole_number("--rerank", minimum=0), default=0,
                         metavar="K", help="re-score the K best episodes on training images the "
                         "reward set does not hold and export the best of them (default 0: the "
@@ -36,63 +34,121 @@ def add_search_commands(sub) -> dict:
     add_output_arguments(export)
 
     report = sub.add_parser("report", help="plots of a run; --compare adds the baselines")
-    report.add_argument("run_dir", type=Path)
+    report.add_argument("run_dir", help="run folder: a path or a storage URI")
     report.add_argument("--compare", action="store_true",
                         help="also run uniform and random search at the same budget and "
                              "compare on the test images")
-    return {"search": cmd_search, "resume": cmd_resume, "export": cmd_export,
-            "report": cmd_report}
+    return {"search": cmd_search, "sweep": cmd_sweep, "resume": cmd_resume,
+            "export": cmd_export, "report": cmd_report}
 
 
-def cmd_search(args) -> int:
+DASHBOARD_HELP = ("start the Ray dashboard on 127.0.0.1 (embedded Ray only; off by default) "
+                  "and print its address")
+
+
+def _add_search_arguments(parser) -> None:
+    parser.add_argument("config", help="YAML config file or preset name (resnet20-quick, "
+                                       "resnet56-half, resnet56-gpu, ...)")
+    parser.add_argument("--address", help="join an existing Ray cluster (host:port or "
+                                          "ray://host:port; `auto`: the one this node is in)")
+    parser.add_argument("--name", help="run name (default: the config's)")
+    parser.add_argument("--storage", help="where run folders go: a folder, or a URI such as "
+                                          "s3://bucket/runs (default: the config's, runs/)")
+    parser.add_argument("--episodes", type=whole_number("--episodes"),
+                        help="override the number of episodes (per trial in a sweep)")
+    parser.add_argument("--num-env-runners", type=whole_number("--num-env-runners", minimum=0))
+    parser.add_argument("--cpus-per-runner", type=float)
+    parser.add_argument("--gpus-per-runner", type=float)
+    parser.add_argument("--dashboard", action="store_true", help=DASHBOARD_HELP)
+
+
+def _budget_list(text: str) -> list[float]:
+    import argparse
+
+    from autodfp.errors import AutoDFPError
+    from launch.config import check_budget
+
+    try:
+        budgets = [check_budget(float(b)) for b in text.split(",") if b.strip()]
+    except (ValueError, AutoDFPError) as exc:
+        raise argparse.ArgumentTypeError(f"--budgets: {exc}") from None
+    if len(budgets) < 1 or len(set(budgets)) != len(budgets):
+        raise argparse.ArgumentTypeError(f"--budgets needs distinct numbers in (0, 1], got {text!r}")
+    return sorted(budgets)
+
+
+def _search_config(args, **more):
     from launch.config import SearchConfig
-    from launch.search import run_search
 
     cfg = SearchConfig.load(args.config).to_dict()
     overrides = {"name": args.name, "storage": args.storage, "episodes": args.episodes,
                  "num_env_runners": args.num_env_runners,
                  "cpus_per_env_runner": args.cpus_per_runner,
-                 "gpus_per_env_runner": args.gpus_per_runner}
+                 "gpus_per_env_runner": args.gpus_per_runner, **more}
     cfg.update({k: v for k, v in overrides.items() if v is not None})
-    run_dir = run_search(SearchConfig.from_dict(cfg), address=args.address)
-    _print_best(run_dir)
+    return SearchConfig.from_dict(cfg)
+
+
+def cmd_search(args) -> int:
+    from launch.search import run_search
+
+    run = run_search(_search_config(args), address=args.address, dashboard=args.dashboard)
+    _print_best(run)
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from launch.search import run_search
+
+    from launch.report import format_front, plot_front
+
+    cfg = _search_config(args, sweep_budgets=args.budgets)
+    run = run_search(cfg, address=args.address, dashboard=args.dashboard)
+    _print_best(run)
+    print(f"wrote {plot_front(run)}")
+    print(format_front(run))
     return 0
 
 
 def cmd_resume(args) -> int:
     from launch.search import resume_search
 
-    _print_best(resume_search(args.run_dir, address=args.address))
+    _print_best(resume_search(args.run_dir, address=args.address, dashboard=args.dashboard))
     return 0
 
 
-def _print_best(run_dir: Path) -> None:
-    from launch.search import load_best
+def _print_best(run) -> None:
+    from launch.search import load_best, trial_budgets
 
-    best = load_best(run_dir)
-    print(f"run folder: {run_dir}")
-    budget = (f", budget share {best['budget_ratio']:.3f}"
-              if isinstance(best.get("budget_ratio"), float) else "")
-    print(f"best: reward-set accuracy {best['accuracy']:.4f} at MACs {best['macs_ratio']:.3f}"
-          f"{budget} (episode {best['episode']}); next: autodfp export {run_dir} --out DIR")
+    print(f"run folder: {run}")
+    for trial, budget in trial_budgets(run):
+        best = load_best(run, trial)
+        share = (f", budget share {best['budget_ratio']:.3f}"
+                 if isinstance(best.get("budget_ratio"), float) else "")
+        swept = f" [budget {budget:g}]" if budget is not None else ""
+        print(f"best{swept}: reward-set accuracy {best['accuracy']:.4f} at MACs "
+              f"{best['macs_ratio']:.3f}{share} (episode {best['episode']})")
+    print(f"next: autodfp export {run} --out DIR"
+          + (" --budget B" if trial_budgets(run)[0][1] is not None else ""))
 
 
 def cmd_export(args) -> int:
     from autodfp.cli import check_out, write_pruned
     from autodfp.pruning import apply_strategy
     from autodfp.strategy import Strategy
-    from launch.search import check_run_dir, load_best
+    from launch.search import check_run_dir, load_best, pick_trial
 
     run_dir = check_run_dir(args.run_dir)
-    best = load_best(run_dir)
+    trial = pick_trial(run_dir, args.budget)
+    best = load_best(run_dir, trial)
     check_out(args.out, args.force)
-    search = {"run": str(run_dir)}
+    search = {"run": str(run_dir), "trial": trial.name}
     if args.rerank:
         from launch.rerank import rerank
 
         print(f"re-scoring the {args.rerank} best episodes on {args.rerank_images} validation "
               "images", file=sys.stderr, flush=True)
-        best, pruned, rows = rerank(run_dir, args.rerank, args.rerank_images)
+        best, pruned, rows = rerank(run_dir, args.rerank, args.rerank_images, trial)
         search.update(selected_by=f"validation ({args.rerank_images} training images, "
                                   "disjoint from the reward set)", candidates=rows)
     else:
@@ -110,14 +166,16 @@ def cmd_export(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from launch.report import compare_with_baselines, format_compare, plot_run
-    from launch.search import check_run_dir
+    from launch.report import compare_with_baselines, format_compare, format_front, plot_run
+    from launch.search import check_run_dir, load_run_config
 
     run_dir = check_run_dir(args.run_dir)
     if args.compare:
         print(format_compare(compare_with_baselines(run_dir)))
     for path in plot_run(run_dir):
         print(f"wrote {path}")
+    if load_run_config(run_dir).sweep_budgets is not None:
+        print(format_front(run_dir))
     return 0
 
 

@@ -24,12 +24,19 @@ ENV_PATHS = ("checkpoint", "data", "class_index")
 PRESETS_DIR = Path(__file__).parent / "presets"
 
 
+def check_budget(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise AutoDFPError(f"a MACs budget must be a number in (0, 1], got {value!r}")
+    return float(value)
+
+
 @dataclass
 class SearchConfig:
     name: str = "autodfp"
     """Experiment name: the run folder is ``<storage>/<name>``."""
     storage: str = "runs"
-    """Folder holding run folders (made absolute)."""
+    """Folder holding run folders (made absolute), or a URI Tune accepts (``s3://``,
+    ``gs://``, ``file://``...; :mod:`launch.storage`)."""
     env: dict = field(default_factory=dict)
     """The environment's ``env_config`` (see :class:`envs.autodfp_env.EnvConfig`)."""
     episodes: int = 300
@@ -41,7 +48,16 @@ class SearchConfig:
     cpus_per_env_runner: float = 1.0
     """CPUs reserved per env runner (fractional to fit many on a small machine)."""
     gpus_per_env_runner: float = 0.0
-    """GPUs per env runner; the env evaluates on the GPU it is given."""
+    """GPUs per env runner; the env evaluates on the GPU it is given (fractional: several
+    runners share one GPU)."""
+    runner_resources: dict = field(default_factory=dict)
+    """Custom Ray resources each env runner needs, e.g. ``{worker: 1}`` to place runners only
+    on nodes started with ``--resources '{"worker": N}'``."""
+    restart_delay_s: float = 2.0
+    """Wait before an env runner that died is restarted (RLlib's default waits 60 s)."""
+    sweep_budgets: list | None = None
+    """MACs budgets of a sweep (``autodfp sweep``): one SAC trial each, concurrently; None:
+    one trial at ``env.macs_budget``."""
     reward_to_all_steps: bool = True
     """Copy the episode's final reward onto every step (with gamma 0, as AMC does)."""
     gamma: float = 0.0
@@ -74,6 +90,14 @@ class SearchConfig:
             raise AutoDFPError(f"episodes must be at least 1, got {self.episodes}")
         if self.num_env_runners < 0 or self.gpus_per_env_runner < 0:
             raise AutoDFPError("num_env_runners and gpus_per_env_runner must be >= 0")
+        if self.restart_delay_s < 0:
+            raise AutoDFPError(f"restart_delay_s must be >= 0, got {self.restart_delay_s}")
+        if not all(isinstance(k, str) and isinstance(v, (int, float)) and v > 0
+                   for k, v in self.runner_resources.items()):
+            raise AutoDFPError("runner_resources must map resource names to positive amounts, "
+                               f"got {self.runner_resources!r}")
+        if self.sweep_budgets is not None:
+            self.sweep_budgets = [check_budget(b) for b in self.sweep_budgets]
         self.env_config()  # validate early: unknown keys, bad budget
 
     def env_config(self) -> EnvConfig:

@@ -2,34 +2,37 @@
 
 from __future__ import annotations
 
+import io
 import json
-import os
-import tempfile
-from pathlib import Path
 
 import numpy as np
 
-from autodfp.io import atomic_write_text
 from autodfp.metrics import accuracy
 from autodfp.pruning import apply_strategy
 from autodfp.strategy import Strategy
-from launch.search import load_best, load_episodes, load_run_config
+from launch.search import (check_run_dir, load_best, load_episodes, load_run_config,
+                           trial_budgets)
+from launch.storage import Location
 
 REPORT_DIR = "report"
 COMPARE_FILE = "compare.json"
+FRONT_FILE = "front.json"
 
 
-def plot_run(run_dir: Path) -> list[Path]:
+def plot_run(run_dir) -> list[str]:
+    """The report plots of a run (a path or URI), written into its ``report/`` folder."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    episodes = load_episodes(run_dir)
-    best = load_best(run_dir)
-    budget = load_run_config(run_dir).env_config().macs_budget
-    out = run_dir / REPORT_DIR
-    out.mkdir(exist_ok=True)
-    compare = _read_compare(run_dir)
+    run = check_run_dir(run_dir)
+    if load_run_config(run).sweep_budgets is not None:
+        return [plot_front(run)]
+    episodes = load_episodes(run)
+    best = load_best(run)
+    budget = load_run_config(run).env_config().macs_budget
+    out = run.child(REPORT_DIR)
+    compare = _read_compare(run)
     written = []
 
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -45,7 +48,7 @@ def plot_run(run_dir: Path) -> list[Path]:
                    label="best uniform")
     ax.set(xlabel="episode", ylabel="reward-set accuracy", title="Reward over episodes")
     ax.legend(fontsize=8)
-    written.append(_save(fig, out / "rewards.png"))
+    written.append(_save(fig, out, "rewards.png"))
 
     names = list(best["strategy"]["layers"])
     keep = [best["strategy"]["layers"][n]["keep"] for n in names]
@@ -64,7 +67,7 @@ def plot_run(run_dir: Path) -> list[Path]:
         right.set(ylabel="weight bits", ylim=(0, 8.5))
         right.legend(fontsize=8, loc="upper right")
     ax.legend(fontsize=8, loc="upper left")
-    written.append(_save(fig, out / "keep_ratios.png"))
+    written.append(_save(fig, out, "keep_ratios.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.scatter([e["macs_ratio"] for e in episodes], acc, s=6, alpha=0.5, label="episodes")
@@ -74,31 +77,98 @@ def plot_run(run_dir: Path) -> list[Path]:
     ax.set(xlabel="MACs share of the original", ylabel="reward-set accuracy",
            title="Accuracy against MACs, every episode")
     ax.legend(fontsize=8)
-    written.append(_save(fig, out / "accuracy_vs_macs.png"))
+    written.append(_save(fig, out, "accuracy_vs_macs.png"))
     return written
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig, folder: Location, name: str) -> str:
     import matplotlib.pyplot as plt
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
-    os.close(fd)
+    png = io.BytesIO()
     try:
         fig.tight_layout()
-        fig.savefig(tmp, dpi=110, format="png")
-        os.replace(tmp, path)
+        fig.savefig(png, dpi=110, format="png")
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
-    return path
+    folder.write_bytes(name, png.getvalue())  # whole or not at all
+    return f"{folder}/{name}"
 
 
-def compare_with_baselines(run_dir: Path, *, progress: bool = True) -> dict:
+def sweep_front(run: Location, *, progress: bool = True) -> dict:
+    """Per budget of a sweep: SAC's best episode and the best uniform keep, both on the
+    reward set (the uniform ones evaluated here once, then kept in ``report/front.json``)."""
+    from envs.autodfp_env import AutoDFPEnv, EnvAssets
+    from envs.baselines import uniform_search
+
+    cached = _read_json(run.child(REPORT_DIR), FRONT_FILE) or {}
+    rows, assets = [], None
+    cfg = load_run_config(run)
+    for trial, budget in trial_budgets(run):
+        try:
+            best = load_best(run, trial)
+        except Exception:  # a trial with no finished episode yet
+            continue
+        uniform = cached.get(f"{budget:g}")
+        if uniform is None:
+            assets = assets or EnvAssets.load(cfg.env_config())
+            outcome = uniform_search(AutoDFPEnv({**cfg.env, "macs_budget": budget},
+                                                assets=assets))
+            uniform = {"label": outcome.name, "reward": outcome.reward,
+                       "macs_ratio": outcome.macs_ratio}
+            if progress:
+                print(f"uniform baseline at MACs {budget:g}: {outcome.reward:.4f}", flush=True)
+        rows.append({"budget": budget, "trial": trial.name, "sac": {
+            "reward": best["accuracy"], "macs_ratio": best["macs_ratio"],
+            "episode": best["episode"], "episodes": len(load_episodes(run, trial))},
+            "uniform": uniform})
+    front = {"rows": rows}
+    run.child(REPORT_DIR).write_text(FRONT_FILE, json.dumps(
+        {f"{r['budget']:g}": r["uniform"] for r in rows}, indent=2) + "\n")
+    return front
+
+
+def plot_front(run: Location) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sweep_front(run)["rows"]
+    if not rows:
+        from autodfp.errors import AutoDFPError
+        raise AutoDFPError(f"{run}: no trial of the sweep has finished an episode yet")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["sac"]["macs_ratio"] for r in rows], [r["sac"]["reward"] for r in rows], "o-",
+            label="SAC, best episode per budget")
+    ax.plot([r["uniform"]["macs_ratio"] for r in rows], [r["uniform"]["reward"] for r in rows],
+            "s--", label="uniform keep (best reconstruction)")
+    for r in rows:
+        ax.axvline(r["budget"], color="grey", linewidth=0.5, alpha=0.5)
+    ax.set(xlabel="MACs share of the original", ylabel="reward-set accuracy",
+           title="Accuracy against MACs: the sweep's front")
+    ax.legend(fontsize=8)
+    return _save(fig, run.child(REPORT_DIR), "front.png")
+
+
+def format_front(run) -> str:
+    rows = sweep_front(check_run_dir(run), progress=False)["rows"]
+    lines = [f"{'budget':>6s} {'SAC MACs':>8s} {'SAC reward':>10s} {'uniform':>8s} {'episodes':>8s}"]
+    for r in rows:
+        lines.append(f"{r['budget']:6.2f} {r['sac']['macs_ratio']:8.3f} {r['sac']['reward']:10.4f} "
+                     f"{r['uniform']['reward']:8.4f} {r['sac']['episodes']:8d}")
+    return "\n".join(lines)
+
+
+def compare_with_baselines(run_dir, *, progress: bool = True) -> dict:
     """SAC's best against uniform and random search at the same budget, on the test images."""
     from envs.autodfp_env import AutoDFPEnv, search_images
     from envs.baselines import random_search, uniform_search
 
+    run_dir = check_run_dir(run_dir)
     cfg = load_run_config(run_dir)
+    if cfg.sweep_budgets is not None:
+        from autodfp.errors import AutoDFPError
+        raise AutoDFPError(f"{run_dir} is a sweep: `autodfp report` draws its front against "
+                           "the uniform baselines; --compare is for a single search")
     best = load_best(run_dir)
     episodes = max(len(load_episodes(run_dir)), 1)
     env = AutoDFPEnv(cfg.env)
@@ -115,8 +185,7 @@ def compare_with_baselines(run_dir: Path, *, progress: bool = True) -> dict:
     }
     result = {"episodes": episodes, "macs_budget": cfg.env_config().macs_budget, "rows": rows,
               "random_curve": random.curve}
-    (run_dir / REPORT_DIR).mkdir(exist_ok=True)
-    atomic_write_text(run_dir / REPORT_DIR / COMPARE_FILE, json.dumps(result, indent=2) + "\n")
+    run_dir.child(REPORT_DIR).write_text(COMPARE_FILE, json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -128,11 +197,14 @@ def _row(label, strategy, reward, macs_ratio, test_sets, progress) -> dict:
             "strategy": strategy.to_dict()}
 
 
-def _read_compare(run_dir: Path) -> dict | None:
-    path = run_dir / REPORT_DIR / COMPARE_FILE
+def _read_compare(run: Location) -> dict | None:
+    return _read_json(run.child(REPORT_DIR), COMPARE_FILE)
+
+
+def _read_json(folder: Location, name: str) -> dict | None:
     try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except json.JSONDecodeError:
+        return json.loads(folder.read_text(name)) if folder.is_file(name) else None
+    except (ValueError, UnicodeDecodeError):
         return None
 
 

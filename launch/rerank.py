@@ -30,13 +30,14 @@ def episode_strategy(template: Strategy, names: list[str], episode: dict) -> Str
     return strategy
 
 
-def top_strategies(run_dir, k: int) -> list[tuple[dict, Strategy]]:
-    """The ``k`` distinct episodes with the best rewards, best first, with their strategies."""
-    best = load_best(run_dir)
+def top_strategies(run_dir, k: int, trial=None) -> list[tuple[dict, Strategy]]:
+    """The ``k`` distinct episodes with the best rewards, best first, with their strategies
+    (``trial``: the trial of a sweep; the run's only trial otherwise)."""
+    best = load_best(run_dir, trial)
     names = list(best["strategy"]["layers"])
     template = Strategy.from_dict(best["strategy"])
     chosen, seen = [], set()
-    for episode in sorted(load_episodes(run_dir), key=lambda e: -e["accuracy"]):
+    for episode in sorted(load_episodes(run_dir, trial), key=lambda e: -e["accuracy"]):
         key = (tuple(episode["keep"]), tuple(episode["coef"]), tuple(episode.get("bits") or ()))
         if key not in seen:
             seen.add(key)
@@ -46,7 +47,7 @@ def top_strategies(run_dir, k: int) -> list[tuple[dict, Strategy]]:
     return chosen
 
 
-def rerank(run_dir, k: int, images: int):
+def rerank(run_dir, k: int, images: int, trial=None):
     """Score the top ``k`` episodes on ``images`` validation images; returns the chosen
     episode, its pruned model (:class:`autodfp.pruning.PrunedModel`), and one row per
     candidate (episode, reward, validation accuracy)."""
@@ -60,7 +61,7 @@ def rerank(run_dir, k: int, images: int):
         raise AutoDFPError("--rerank draws its validation images from the CIFAR-10 training "
                            "images; a search on --data user images has none apart: export "
                            "without --rerank")
-    candidates = top_strategies(run_dir, k)
+    candidates = top_strategies(run_dir, k, trial)
     if not candidates:
         raise AutoDFPError(f"{run_dir} has no complete episode to choose from")
     validation = validation_split(images, env.reward_size, env.reward_seed)
