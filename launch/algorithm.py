@@ -88,6 +88,7 @@ class EpisodeBook(RLlibCallback):
         self.run = run
         self.reward_to_all_steps = reward_to_all_steps
         self._log: EpisodeLog | None = None
+        self.runner_restarts = 0
 
     # -- on the env runner ----------------------------------------------------------------
 
@@ -98,7 +99,7 @@ class EpisodeBook(RLlibCallback):
         if self.reward_to_all_steps:
             final = float(episode.get_rewards(-1))
             episode.set_rewards(new_data=[final] * len(episode))
-        record = {"id": episode.id_, "accuracy": info["accuracy"],
+        record = {"id": episode.id_, "runner": _runner(), "accuracy": info["accuracy"],
                   "macs_ratio": info["macs_ratio"], "strategy": json.loads(info["strategy_json"]),
                   **({"budget_ratio": info["budget_ratio"]} if "budget_ratio" in info else {}),
                   "timing": info.get("timing", {})}
@@ -107,6 +108,12 @@ class EpisodeBook(RLlibCallback):
 
     # -- in the algorithm's process --------------------------------------------------------
 
+    def on_env_runners_recreated(self, *, env_runner_indices, is_evaluation=False, **kwargs):
+        # RLlib's own count (fault_tolerance/num_remote_worker_restarts) misses runners that
+        # Ray restarted by itself; every runner back in service passes through here.
+        if not is_evaluation:
+            self.runner_restarts += len(env_runner_indices)
+
     def on_train_result(self, *, algorithm, result, **kwargs):
         records = [json.loads(r) for r in _items(result.get("env_runners", {})
                                                  .pop(EPISODES_METRIC, []))]
@@ -114,9 +121,7 @@ class EpisodeBook(RLlibCallback):
             self._log = EpisodeLog(self._trial_location(algorithm))
         new = self._log.add(records, result.get("training_iteration", 0))
         summary = self._log.summary(new)
-        restarts = result.get("fault_tolerance", {}).get("num_remote_worker_restarts")
-        if restarts is not None:
-            summary["env_runner_restarts"] = restarts
+        summary["env_runner_restarts"] = self.runner_restarts
         result["autodfp"] = summary
 
     def _trial_location(self, algorithm) -> Location | None:
@@ -194,6 +199,16 @@ class EpisodeLog:
         return summary
 
 
+def _runner() -> dict:
+    """Where an episode was evaluated: the Ray node and the env runner's process."""
+    import os
+
+    import ray
+
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    return {"node": node, "pid": os.getpid()}
+
+
 def _items(value) -> list:
     """An ``item_series`` metric as a list: RLlib hands a lone item over unwrapped, and no
     item as NaN."""
@@ -205,6 +220,7 @@ def _items(value) -> list:
 def _log_line(record: dict, iteration: int) -> dict:
     layers = record["strategy"]["layers"]
     line = {"episode": record["episode"], "id": record["id"], "iteration": iteration,
+            "runner": record.get("runner"),
             "accuracy": record["accuracy"], "macs_ratio": record["macs_ratio"],
             "keep": [layer["keep"] for layer in layers.values()],
             "coef": [layer["coef"] for layer in layers.values()]}

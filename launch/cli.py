@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from autodfp.cli import (add_core_commands, add_output_arguments, dispatch, new_parser,
@@ -77,6 +78,22 @@ def _budget_list(text: str) -> list[float]:
     return sorted(budgets)
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def _cluster_address(address: str | None) -> str | None:
+    """``--address``, else ``$RAY_ADDRESS`` (what `ray job submit` sets for its entrypoint).
+    Ray turns a loopback address into this machine's network IP, where a cluster started with
+    ``--node-ip-address 127.0.0.1`` does not listen: for a loopback address, keep loopback
+    (Ray reads the switch when it is imported, so this runs first)."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        host = address.split("://", 1)[-1].rsplit(":", 1)[0]
+        if host in LOOPBACK_HOSTS:
+            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    return address
+
+
 def _search_config(args, **more):
     from launch.config import SearchConfig
 
@@ -90,9 +107,10 @@ def _search_config(args, **more):
 
 
 def cmd_search(args) -> int:
+    address = _cluster_address(args.address)
     from launch.search import run_search
 
-    run = run_search(_search_config(args), address=args.address, dashboard=args.dashboard)
+    run = run_search(_search_config(args), address=address, dashboard=args.dashboard)
     _print_best(run)
     return 0
 
@@ -100,10 +118,11 @@ def cmd_search(args) -> int:
 def cmd_sweep(args) -> int:
     from launch.search import run_search
 
+    address = _cluster_address(args.address)
     from launch.report import format_front, plot_front
 
     cfg = _search_config(args, sweep_budgets=args.budgets)
-    run = run_search(cfg, address=args.address, dashboard=args.dashboard)
+    run = run_search(cfg, address=address, dashboard=args.dashboard)
     _print_best(run)
     print(f"wrote {plot_front(run)}")
     print(format_front(run))
@@ -111,9 +130,10 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_resume(args) -> int:
+    address = _cluster_address(args.address)
     from launch.search import resume_search
 
-    _print_best(resume_search(args.run_dir, address=args.address, dashboard=args.dashboard))
+    _print_best(resume_search(args.run_dir, address=address, dashboard=args.dashboard))
     return 0
 
 

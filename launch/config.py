@@ -55,6 +55,9 @@ class SearchConfig:
     on nodes started with ``--resources '{"worker": N}'``."""
     restart_delay_s: float = 2.0
     """Wait before an env runner that died is restarted (RLlib's default waits 60 s)."""
+    max_trial_failures: int = 3
+    """Restarts of a trial whose algorithm process died (its node lost), each from the last
+    checkpoint; the episode log and best strategy carry on."""
     sweep_budgets: list | None = None
     """MACs budgets of a sweep (``autodfp sweep``): one SAC trial each, concurrently; None:
     one trial at ``env.macs_budget``."""

@@ -202,6 +202,7 @@ def _tuner_options(cfg: SearchConfig, run, stop: dict | None = None) -> dict:
             stop=stop or {"autodfp/episodes_total": cfg.episodes},
             checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=cfg.checkpoint_every,
                                                     checkpoint_at_end=True, num_to_keep=3),
+            failure_config=tune.FailureConfig(max_failures=cfg.max_trial_failures),
             callbacks=[ProgressLine(cfg.episodes)], verbose=0))
 
 
