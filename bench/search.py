@@ -4,6 +4,8 @@
                            [--runners 0,1,2] [--throughput-episodes 30] [--no-calibration]
                            [--save-best examples/NAME.json]
     python bench/search.py --mixed-precision --episodes 150 --reward-size 500 --runners ""
+    python bench/search.py --throughput-only --runners 1,2,4,8 --gpus-per-runner 0.125 \
+                           [--autocast] [--channels-last]          # on a GPU machine
 
 1. A SAC search (or an existing run folder, ``--run``), random search with as many episodes,
    and the best uniform strategy, all in the same env (same budget, reward set and, by
@@ -100,9 +102,35 @@ def load_or_run_random(env: AutoDFPEnv, n: int, path: Path | None) -> tuple[list
     return episodes, seconds
 
 
-def throughput(runners: int, episodes: int, env_config: dict, storage: Path) -> dict:
+def device_name(gpus_per_runner: float) -> str:
+    """What every throughput row ran on."""
+    import os
+
+    import torch
+
+    if gpus_per_runner > 0 and torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} (GPU, {gpus_per_runner:g} per runner)"
+    return f"CPU ({os.cpu_count()} cores, torch {torch.__version__})"
+
+
+def autocast_check(env_config: dict, strategies: int = 6, seed: int = 0) -> dict:
+    """Rewards of the same strategies (uniform + random) in float32 and under autocast, on the
+    device the env picks: the largest difference, in points."""
+    fp32 = AutoDFPEnv({**env_config, "autocast": False})
+    low = AutoDFPEnv({**env_config, "autocast": True})
+    picked = [uniform_search(fp32).strategy]
+    picked += [strategy_from_episode(fp32, e) for e in random_episodes(fp32, strategies - 1, seed)]
+    pairs = [(fp32.evaluate(s) * 100, low.evaluate(s) * 100) for s in picked]
+    return {"device": fp32.device, "rewards_percent": pairs,
+            "max_abs_diff_points": max(abs(a - b) for a, b in pairs)}
+
+
+def throughput(runners: int, episodes: int, env_config: dict, storage: Path,
+               gpus_per_runner: float = 0.0, cpus_per_runner: float = 1.0) -> dict:
     cfg = SearchConfig(name=f"throughput-{runners}", storage=str(storage), episodes=episodes,
                        warmup_episodes=min(10, episodes), num_env_runners=runners,
+                       gpus_per_env_runner=gpus_per_runner if runners else 0.0,
+                       cpus_per_env_runner=cpus_per_runner,
                        checkpoint_every=1000, env=env_config)
     start = time.perf_counter()
     run_dir = run_search(cfg)
@@ -113,7 +141,8 @@ def throughput(runners: int, episodes: int, env_config: dict, storage: Path) -> 
     env_s = sum(e["timing"].get("surgery_s", 0) + e["timing"].get("calibrate_s", 0)
                 + e["timing"].get("eval_s", 0) for e in logged)
     span = stamps[-1] - stamps[0] if len(stamps) > 1 else wall
-    return {"runners": runners, "episodes": len(logged), "wall_s": wall,
+    return {"runners": runners, "device": device_name(gpus_per_runner if runners else 0.0),
+            "episodes": len(logged), "wall_s": wall,
             "episodes_per_s_steady": steady, "episodes_per_s_with_startup": len(logged) / wall,
             "env_share_of_steady_wall": env_s / max(span, 1e-9) / max(runners, 1),
             "surgery_s_mean": float(np.mean([e["timing"].get("surgery_s", 0) for e in logged])),
@@ -132,6 +161,14 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--throughput-only", action="store_true",
                         help="only the env-runner throughput part")
+    parser.add_argument("--gpus-per-runner", type=float, default=0.0,
+                        help="GPU share per env runner (e.g. 0.125: 8 runners on one GPU)")
+    parser.add_argument("--cpus-per-runner", type=float, default=1.0)
+    parser.add_argument("--autocast", action="store_true",
+                        help="evaluate under float16 autocast (first prints its reward "
+                             "difference from float32 on the same strategies)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="evaluate in channels-last layout (off the CPU)")
     parser.add_argument("--no-calibration", action="store_true",
                         help="the closed-form reward of earlier versions (no calibration)")
     parser.add_argument("--save-best", type=Path,
@@ -154,12 +191,21 @@ def main() -> int:
         load_or_run_random(AutoDFPEnv(base_env), args.episodes, args.random_file)
         return 0
     if args.throughput_only:
-        speed = [throughput(int(r), args.throughput_episodes, base_env,
-                            Path(tempfile.mkdtemp(prefix="autodfp-bench-")))
+        env = {**base_env, "autocast": args.autocast, "channels_last": args.channels_last}
+        report = {}
+        if args.autocast:
+            report["autocast_check"] = autocast_check(env)
+            print(f"autocast vs float32 on {report['autocast_check']['device']}: largest reward "
+                  f"difference {report['autocast_check']['max_abs_diff_points']:.2f} points",
+                  flush=True)
+        speed = [throughput(int(r), args.throughput_episodes, env,
+                            Path(tempfile.mkdtemp(prefix="autodfp-bench-")),
+                            args.gpus_per_runner, args.cpus_per_runner)
                  for r in args.runners.split(",")]
         print_throughput(speed)
-        atomic_write_text(args.out / f"search-throughput{suffix}.json",
-                          json.dumps(speed, indent=1))
+        layout = ("-gpu" if args.gpus_per_runner else "") + ("-autocast" if args.autocast else "")
+        atomic_write_text(args.out / f"search-throughput{suffix}{layout}.json",
+                          json.dumps({**report, "rows": speed}, indent=1))
         return 0
     scratch = Path(tempfile.mkdtemp(prefix="autodfp-bench-"))
     try:
@@ -233,11 +279,13 @@ def main() -> int:
 
 
 def print_throughput(speed: list[dict]) -> None:
-    print("| env runners | episodes/s (steady) | incl. start-up | env share of wall | "
+    """One row per runner count; the env share is surgery + calibration + evaluation, the
+    rest of the wall time is RLlib (SAC updates, sampling, metrics) and Tune."""
+    print("| device | env runners | episodes/s (steady) | incl. start-up | env share of wall | "
           "surgery s/ep | calibration s/ep | eval s/ep |")
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for s in speed:
-        print(f"| {s['runners']} | {s['episodes_per_s_steady']:.3f} | "
+        print(f"| {s['device']} | {s['runners']} | {s['episodes_per_s_steady']:.3f} | "
               f"{s['episodes_per_s_with_startup']:.3f} | {s['env_share_of_steady_wall']:.0%} | "
               f"{s['surgery_s_mean']:.2f} | {s.get('calibrate_s_mean', 0):.2f} | "
               f"{s['eval_s_mean']:.2f} |", flush=True)

@@ -38,7 +38,8 @@ from autodfp.costmodel import MacsModel
 from autodfp.data import ImageSet, load_split, load_user_data, reward_split, split_user_data
 from autodfp.errors import AutoDFPError
 from autodfp.graph import ChannelGraph
-from autodfp.metrics import accuracy, check_labelled_images
+from autodfp.metrics import (ResidentImages, accuracy, check_labelled_images,
+                             resident_accuracy)
 from autodfp.models import InputSpec
 from autodfp.pruning import (apply_strategy, checkpoint_digest, default_quant_images,
                              load_base)
@@ -126,7 +127,13 @@ class EnvConfig:
     """Fields of :class:`autodfp.calibration.CalibrationConfig` ({} = its defaults: refit on
     256 synthetic images); None: no calibration (the closed-form compensation alone)."""
     device: str = "auto"
-    """Where rewards are evaluated: ``auto`` takes the GPU this process was given, if any."""
+    """Where rewards are evaluated: ``auto`` takes the GPU this process was given, if any.
+    Off the CPU the reward images are normalised once and stay on the device."""
+    channels_last: bool = False
+    """Off the CPU: evaluate in channels-last memory layout (cuDNN's fast path)."""
+    autocast: bool = False
+    """Off the CPU: evaluate under float16 autocast (check the reward against float32 first:
+    ``bench/search.py --throughput-only --autocast`` prints both)."""
     torch_threads: int = 0
     """Torch CPU threads in this process; 0 leaves torch's default (set per env runner)."""
     quantize: dict | None = None
@@ -247,6 +254,10 @@ class AutoDFPEnv(gym.Env):
         self._base_model, self._spec = assets.model, assets.spec
         self.device = _resolve_device(self.config.device)  # pruned copies are evaluated there
         self._images = assets.images
+        self._resident = None
+        if self.device != "cpu":
+            self._resident = ResidentImages(self._images, self._spec, self.device,
+                                            channels_last=self.config.channels_last)
         self.group_names, self._channels, self._static = self._describe_groups()
         self._macs = MacsModel.measure(self._base_model, self._spec, coupled=self.config.coupled)
         self.quant = self.config.quant_search()
@@ -513,12 +524,18 @@ class AutoDFPEnv(gym.Env):
                                     calibrator=self._calibrator,
                                     quant_images=self._quant_images)
             middle = time.perf_counter()
-            self._cache[key] = accuracy(pruned.model, self._images, self._spec,
-                                        device=self.device) / 100.0
+            self._cache[key] = self._accuracy(pruned.model) / 100.0
             self.last_timing.update(surgery_s=middle - start - pruned.calibrate_s,
                                     calibrate_s=pruned.calibrate_s,
                                     eval_s=time.perf_counter() - middle)
         return self._cache[key]
+
+    def _accuracy(self, model) -> float:
+        """Top-1 in percent on the reward set."""
+        if self._resident is not None:
+            return resident_accuracy(model, self._resident, self._spec,
+                                     autocast=self.config.autocast)
+        return accuracy(model, self._images, self._spec)
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,8 @@ EPISODES_FILE = "episodes.jsonl"
 EPISODES_METRIC = "autodfp_episodes"
 """Env runner metric that carries finished episodes' records to the driver."""
 TRIAL_PREFIX = "AutoDFPSAC_"
+EVENTS_DIR = "episodes"
+"""Per-episode TensorBoard event files, in each trial folder."""
 ASSETS_KEY = "assets"
 """The env_config entry holding the object-store reference to the env's assets."""
 
@@ -88,6 +90,7 @@ class EpisodeBook(RLlibCallback):
         self.run = run
         self.reward_to_all_steps = reward_to_all_steps
         self._log: EpisodeLog | None = None
+        self._events = None
         self.runner_restarts = 0
 
     # -- on the env runner ----------------------------------------------------------------
@@ -119,10 +122,30 @@ class EpisodeBook(RLlibCallback):
                                                  .pop(EPISODES_METRIC, []))]
         if self._log is None:
             self._log = EpisodeLog(self._trial_location(algorithm))
+        best_before = self._log.best["accuracy"] if self._log.best else float("-inf")
         new = self._log.add(records, result.get("training_iteration", 0))
+        self._write_events(algorithm, new, best_before)
         summary = self._log.summary(new)
         summary["env_runner_restarts"] = self.runner_restarts
         result["autodfp"] = summary
+
+    def _write_events(self, algorithm, new: list[dict], best: float) -> None:
+        """Per-episode TensorBoard scalars (Tune's own logger writes one point per iteration,
+        which holds an episode per env runner), in the trial's working folder under
+        ``episodes/``; Tune uploads that folder into the trial folder (``sync_artifacts``)."""
+        if not new or self._log.location is None:
+            return
+        if self._events is None:
+            from tensorboardX import SummaryWriter
+
+            self._events = SummaryWriter(posixpath.join(str(algorithm.logdir), EVENTS_DIR))
+        for record in new:
+            best = max(best, record["accuracy"])
+            step = record["episode"]
+            self._events.add_scalar("episode/accuracy", record["accuracy"], step)
+            self._events.add_scalar("episode/macs_ratio", record["macs_ratio"], step)
+            self._events.add_scalar("episode/best_accuracy", best, step)
+        self._events.flush()
 
     def _trial_location(self, algorithm) -> Location | None:
         """The trial's folder in the run folder. Under Tune, the trainable's ``logdir`` is a

@@ -203,6 +203,9 @@ def _tuner_options(cfg: SearchConfig, run, stop: dict | None = None) -> dict:
             checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=cfg.checkpoint_every,
                                                     checkpoint_at_end=True, num_to_keep=3),
             failure_config=tune.FailureConfig(max_failures=cfg.max_trial_failures),
+            # uploads each trial's working folder (per-episode TensorBoard events) into its
+            # trial folder: at every checkpoint, and at most every 10 s in between
+            sync_config=tune.SyncConfig(sync_artifacts=True, sync_period=10),
             callbacks=[ProgressLine(cfg.episodes)], verbose=0))
 
 

@@ -218,6 +218,21 @@ CASES = {
         t, "num_env_runners: 1\ngpus_per_env_runner: 1\n"
            "env: {model: resnet20, reward_size: 20, calibration: null}\n"),
         "--storage", OUT], "GPUs; the cluster has 0", None),
+    "runner resource no node offers (subprocess)": (lambda t: ["search", _config(
+        t, "num_env_runners: 1\nrunner_resources: {worker: 1}\n"
+           "env: {model: resnet20, reward_size: 20, calibration: null}\n"),
+        "--storage", OUT], "'worker' need 1; the cluster has 0", None),
+    "storage URI of an unknown scheme": (lambda t: ["search", "resnet20-quick", "--storage",
+                                                    "ftp://host/runs"],
+                                         "unknown scheme 'ftp'", None),
+    "resume from an unknown scheme": (lambda t: ["resume", "s4://bucket/runs/x"],
+                                      "unknown scheme 's4'", None),
+    "sweep budget out of range": (lambda t: ["sweep", "resnet20-quick", "--budgets", "0.5,1.5",
+                                             "--storage", OUT], "--budgets", None),
+    "sweep budgets repeated": (lambda t: ["sweep", "resnet20-quick", "--budgets", "0.5,0.5",
+                                          "--storage", OUT], "distinct", None),
+    "negative runner restart delay": (lambda t: ["search", _config(t, "restart_delay_s: -1\n"),
+                                                 "--storage", OUT], "restart_delay_s", None),
     "resume: not a run folder": (lambda t: ["resume", _empty_folder(t)],
                                  "not an autodfp run folder", None),
     "resume: missing run folder": (lambda t: ["resume", t / "in" / "none"],

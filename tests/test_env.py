@@ -1,4 +1,5 @@
 import numpy as np
+import torch
 import pytest
 from gymnasium.utils.env_checker import check_env
 
@@ -186,3 +187,21 @@ def test_strategy_crosses_a_vector_env_with_underscored_layer_names():
     layers = json.loads(infos[0]["strategy_json"])["layers"]
     assert list(layers) == ["_stem.0", "_body.0"]
     envs.close()
+
+
+def test_images_resident_on_the_device_score_as_the_batched_path():
+    """The GPU path (images normalised once, kept on the device; channels-last; autocast),
+    run on the CPU: the same accuracy as `accuracy`, image for image."""
+    from autodfp.data import load_split
+    from autodfp.metrics import ResidentImages, resident_accuracy
+
+    model, spec = build_model("resnet20")
+    images = load_split("test-lossless").subset(np.arange(300), "first 300")
+    expected = accuracy(model, images, spec)
+    assert resident_accuracy(model, ResidentImages(images, spec, "cpu"), spec) == expected
+    channels_last = ResidentImages(images, spec, "cpu", channels_last=True)
+    assert channels_last.x.is_contiguous(memory_format=torch.channels_last)
+    assert abs(resident_accuracy(model, channels_last, spec) - expected) <= 100 / 300
+    low_precision = resident_accuracy(model, ResidentImages(images, spec, "cpu"), spec,
+                                      autocast=True)  # bfloat16 on a CPU
+    assert abs(low_precision - expected) <= 2.0 and expected > 85

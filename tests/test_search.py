@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from autodfp.data import reward_split
@@ -143,9 +144,28 @@ def test_search_with_a_remote_env_runner(tmp_path):
     result = run_cli("search", config, "--storage", tmp_path / "runs", "--num-env-runners", "1")
     assert result.returncode == 0, result.stderr[-3000:]
     trial = trial_dir(tmp_path / "runs" / "remote")
-    episodes = (trial / "episodes.jsonl").read_text().splitlines()
+    episodes = [json.loads(line) for line in (trial / "episodes.jsonl").read_text().splitlines()]
     assert len(episodes) >= 4
     assert json.loads((trial / "best.json").read_text())["accuracy"] > 0.05
+    # TensorBoard: Tune's per-iteration scalars, and ours per episode (uploaded by Tune)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def scalars(folder):
+        events = EventAccumulator(str(folder))
+        events.Reload()
+        return events
+
+    tune_events = scalars(trial)
+    tags = tune_events.Tags()["scalars"]
+    for tag in ("best_accuracy", "best_macs_ratio", "accuracy_mean", "macs_ratio_mean",
+                "env_runner_restarts", "best_keep/layer3.2.conv1"):
+        assert f"ray/tune/autodfp/{tag}" in tags
+    per_episode = scalars(trial / "episodes")
+    accuracy_curve = per_episode.Scalars("episode/accuracy")
+    assert [e.step for e in accuracy_curve] == [e["episode"] for e in episodes]
+    assert [e.value for e in accuracy_curve] == pytest.approx([e["accuracy"] for e in episodes])
+    best_curve = [e.value for e in per_episode.Scalars("episode/best_accuracy")]
+    assert best_curve == pytest.approx(np.maximum.accumulate([e["accuracy"] for e in episodes]))
 
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in
