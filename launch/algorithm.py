@@ -131,21 +131,20 @@ class EpisodeBook(RLlibCallback):
 
     def _write_events(self, algorithm, new: list[dict], best: float) -> None:
         """Per-episode TensorBoard scalars (Tune's own logger writes one point per iteration,
-        which holds an episode per env runner), in the trial's working folder under
-        ``episodes/``; Tune uploads that folder into the trial folder (``sync_artifacts``)."""
-        if not new or self._log.location is None:
+        which holds an episode per env runner), under ``episodes/`` in the trial folder. A
+        tensorboard writer needs a local folder: on URI storage they go to the trial's working
+        folder, which Tune uploads into the trial folder (``sync_artifacts``)."""
+        location = self._log.location
+        if not new or location is None:
             return
         if self._events is None:
-            from tensorboardX import SummaryWriter
-
-            self._events = SummaryWriter(posixpath.join(str(algorithm.logdir), EVENTS_DIR))
+            folder = location.local_path() if location.is_local else algorithm.logdir
+            self._events = EpisodeEvents(posixpath.join(str(folder), EVENTS_DIR))
         for record in new:
             best = max(best, record["accuracy"])
-            step = record["episode"]
-            self._events.add_scalar("episode/accuracy", record["accuracy"], step)
-            self._events.add_scalar("episode/macs_ratio", record["macs_ratio"], step)
-            self._events.add_scalar("episode/best_accuracy", best, step)
-        self._events.flush()
+            self._events.add(record["episode"], {"episode/accuracy": record["accuracy"],
+                                                 "episode/macs_ratio": record["macs_ratio"],
+                                                 "episode/best_accuracy": best})
 
     def _trial_location(self, algorithm) -> Location | None:
         """The trial's folder in the run folder. Under Tune, the trainable's ``logdir`` is a
@@ -154,6 +153,36 @@ class EpisodeBook(RLlibCallback):
         if self.run is None or not name.startswith(TRIAL_PREFIX):  # not run by Tune
             return None
         return Location.of(self.run).child(name)
+
+
+class EpisodeEvents:
+    """A TensorBoard event file written synchronously (tensorboardX's SummaryWriter queues
+    events for a thread that a process ending right after the last iteration never lets
+    write them)."""
+
+    def __init__(self, folder: str):
+        import os
+        import socket
+
+        from tensorboardX.record_writer import RecordWriter
+
+        os.makedirs(folder, exist_ok=True)
+        name = f"events.out.tfevents.{time.time():.0f}.{socket.gethostname()}.{os.getpid()}"
+        self._writer = RecordWriter(os.path.join(folder, name))
+        self._write(file_version="brain.Event:2")
+
+    def _write(self, **fields) -> None:
+        from tensorboardX.proto import event_pb2
+
+        self._writer.write(event_pb2.Event(wall_time=time.time(), **fields).SerializeToString())
+        self._writer.flush()
+
+    def add(self, step: int, scalars: dict[str, float]) -> None:
+        from tensorboardX.proto import summary_pb2
+
+        values = [summary_pb2.Summary.Value(tag=tag, simple_value=float(value))
+                  for tag, value in scalars.items()]
+        self._write(step=step, summary=summary_pb2.Summary(value=values))
 
 
 class EpisodeLog:
