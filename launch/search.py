@@ -190,7 +190,7 @@ def fit_resources(cfg: SearchConfig, local: bool) -> float:
                        f"Lower --num-env-runners or --cpus-per-runner")
 
 
-def _tuner_options(cfg: SearchConfig, run, stop: dict | None = None) -> dict:
+def _tuner_options(cfg: SearchConfig, run) -> dict:
     from ray import tune
 
     from launch.algorithm import trial_folder_name
@@ -199,12 +199,12 @@ def _tuner_options(cfg: SearchConfig, run, stop: dict | None = None) -> dict:
         tune_config=tune.TuneConfig(trial_dirname_creator=trial_folder_name),
         run_config=tune.RunConfig(
             name=run.name, storage_path=run.uri.rsplit("/", 1)[0],
-            stop=stop or {"autodfp/episodes_total": cfg.episodes},
+            stop={"autodfp/episodes_total": cfg.episodes},
             checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=cfg.checkpoint_every,
                                                     checkpoint_at_end=True, num_to_keep=3),
             failure_config=tune.FailureConfig(max_failures=cfg.max_trial_failures),
-            # uploads each trial's working folder (per-episode TensorBoard events) into its
-            # trial folder: at every checkpoint, and at most every 10 s in between
+            # on URI storage: uploads each trial's working folder (per-episode TensorBoard
+            # events) into its trial folder, at every checkpoint and at most every 10 s between
             sync_config=tune.SyncConfig(sync_artifacts=True, sync_period=10),
             callbacks=[ProgressLine(cfg.episodes)], verbose=0))
 
