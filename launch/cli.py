@@ -81,6 +81,16 @@ def _budget_list(text: str) -> list[float]:
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
+def _ray_settings(args) -> str | None:
+    """Environment Ray reads when it is imported, so set before that: the cluster address
+    (returned) and, with ``--dashboard`` on an embedded Ray, token authentication (the
+    dashboard then answers only requests that carry the token)."""
+    address = _cluster_address(args.address)
+    if getattr(args, "dashboard", False) and not address:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    return address
+
+
 def _cluster_address(address: str | None) -> str | None:
     """``--address``, else ``$RAY_ADDRESS`` (what `ray job submit` sets for its entrypoint).
     Ray turns a loopback address into this machine's network IP, where a cluster started with
@@ -107,7 +117,7 @@ def _search_config(args, **more):
 
 
 def cmd_search(args) -> int:
-    address = _cluster_address(args.address)
+    address = _ray_settings(args)
     from launch.search import run_search
 
     run = run_search(_search_config(args), address=address, dashboard=args.dashboard)
@@ -118,7 +128,7 @@ def cmd_search(args) -> int:
 def cmd_sweep(args) -> int:
     from launch.search import run_search
 
-    address = _cluster_address(args.address)
+    address = _ray_settings(args)
     from launch.report import format_front, plot_front
 
     cfg = _search_config(args, sweep_budgets=args.budgets)
@@ -130,7 +140,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_resume(args) -> int:
-    address = _cluster_address(args.address)
+    address = _ray_settings(args)
     from launch.search import resume_search
 
     _print_best(resume_search(args.run_dir, address=address, dashboard=args.dashboard))

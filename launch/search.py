@@ -148,9 +148,7 @@ def init_ray(address: str | None, num_cpus: int | None = None, dashboard: bool =
                                + (f" (Ray said: {last[0].split('] ', 1)[-1][:160]})"
                                   if last else "")) from None
         return
-    if dashboard:
-        # Token authentication: the dashboard answers only requests that carry the token.
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if dashboard:  # with token authentication (the CLI sets RAY_AUTH_MODE before Ray loads)
         kwargs.update(include_dashboard=True, dashboard_host="127.0.0.1")
     context = ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kwargs)
     if dashboard:
