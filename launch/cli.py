@@ -151,7 +151,8 @@ def _print_best(run) -> None:
     from launch.search import load_best, trial_budgets
 
     print(f"run folder: {run}")
-    for trial, budget in trial_budgets(run):
+    trials = trial_budgets(run)
+    for trial, budget in trials:
         best = load_best(run, trial)
         share = (f", budget share {best['budget_ratio']:.3f}"
                  if isinstance(best.get("budget_ratio"), float) else "")
@@ -159,7 +160,7 @@ def _print_best(run) -> None:
         print(f"best{swept}: reward-set accuracy {best['accuracy']:.4f} at MACs "
               f"{best['macs_ratio']:.3f}{share} (episode {best['episode']})")
     print(f"next: autodfp export {run} --out DIR"
-          + (" --budget B" if trial_budgets(run)[0][1] is not None else ""))
+          + (" --budget B" if trials[0][1] is not None else ""))
 
 
 def cmd_export(args) -> int:

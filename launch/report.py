@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 
+from autodfp.errors import AutoDFPError
 from autodfp.metrics import accuracy
 from autodfp.pruning import apply_strategy
 from autodfp.strategy import Strategy
@@ -106,7 +107,7 @@ def sweep_front(run: Location, *, progress: bool = True) -> dict:
     for trial, budget in trial_budgets(run):
         try:
             best = load_best(run, trial)
-        except Exception:  # a trial with no finished episode yet
+        except AutoDFPError:  # a trial with no finished episode yet
             continue
         uniform = cached.get(f"{budget:g}")
         if uniform is None:
@@ -134,7 +135,6 @@ def plot_front(run: Location) -> str:
 
     rows = sweep_front(run)["rows"]
     if not rows:
-        from autodfp.errors import AutoDFPError
         raise AutoDFPError(f"{run}: no trial of the sweep has finished an episode yet")
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([r["sac"]["macs_ratio"] for r in rows], [r["sac"]["reward"] for r in rows], "o-",
@@ -166,7 +166,6 @@ def compare_with_baselines(run_dir, *, progress: bool = True) -> dict:
     run_dir = check_run_dir(run_dir)
     cfg = load_run_config(run_dir)
     if cfg.sweep_budgets is not None:
-        from autodfp.errors import AutoDFPError
         raise AutoDFPError(f"{run_dir} is a sweep: `autodfp report` draws its front against "
                            "the uniform baselines; --compare is for a single search")
     best = load_best(run_dir)
