@@ -6,7 +6,7 @@
 #   export RAY_AUTH_MODE=token                  # the cluster takes only clients with its token
 #   autodfp search resnet20-quick --address 127.0.0.1:6390 --num-env-runners 2 \
 #       --cpus-per-runner 0.5 --episodes 12
-#   docker/local-cluster.sh down
+#   docker/local-cluster.sh down                # `ray stop`: every Ray of this user on this machine
 #
 # Every node runs with Ray's token authentication (the token of ~/.ray/auth_token, made here
 # if there is none), as does any client that exports RAY_AUTH_MODE=token.
