@@ -91,6 +91,7 @@ class EpisodeBook(RLlibCallback):
         self.reward_to_all_steps = reward_to_all_steps
         self._log: EpisodeLog | None = None
         self._events = None
+        self._runner: dict | None = None
         self.runner_restarts = 0
 
     # -- on the env runner ----------------------------------------------------------------
@@ -102,7 +103,9 @@ class EpisodeBook(RLlibCallback):
         if self.reward_to_all_steps:
             final = float(episode.get_rewards(-1))
             episode.set_rewards(new_data=[final] * len(episode))
-        record = {"id": episode.id_, "runner": _runner(), "accuracy": info["accuracy"],
+        if self._runner is None:  # fixed for this process: the node and the pid
+            self._runner = _runner()
+        record = {"id": episode.id_, "runner": self._runner, "accuracy": info["accuracy"],
                   "macs_ratio": info["macs_ratio"], "strategy": json.loads(info["strategy_json"]),
                   **({"budget_ratio": info["budget_ratio"]} if "budget_ratio" in info else {}),
                   "timing": info.get("timing", {})}
@@ -199,11 +202,13 @@ class EpisodeLog:
     def _read_back(self) -> None:
         if self.location.is_file(EPISODES_FILE):
             lines = self.location.read_bytes(EPISODES_FILE).decode(errors="replace").splitlines()
-            complete = [line for line in lines if _record(line) is not None]
+            complete = [(line, record) for line in lines
+                        if (record := _record(line)) is not None]
             if len(complete) != len(lines):  # a torn last line from a killed driver
-                self.location.write_text(EPISODES_FILE, "".join(line + "\n" for line in complete))
+                self.location.write_text(EPISODES_FILE,
+                                         "".join(line + "\n" for line, _ in complete))
             self.count = len(complete)
-            self.ids = {_record(line).get("id") for line in complete}
+            self.ids = {record.get("id") for _, record in complete}
         if self.location.is_file(BEST_FILE):
             try:
                 self.best = json.loads(self.location.read_text(BEST_FILE))

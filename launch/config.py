@@ -135,7 +135,6 @@ class SearchConfig:
                 config.env[key] = str(Path(config.env[key]).resolve())
         return config
 
-    def save(self, path: Path) -> None:
-        from autodfp.io import atomic_write_text
-
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+    def save(self, run, name: str) -> None:
+        """Write the config as ``name`` in ``run`` (a :class:`launch.storage.Location`)."""
+        run.write_text(name, json.dumps(self.to_dict(), indent=2) + "\n")

@@ -239,7 +239,7 @@ def run_search(cfg: SearchConfig, address: str | None = None,
     cpus = fit_resources(cfg, local=address is None)
     assets = ray.put(assets)
     run.makedirs()
-    run.write_text(SEARCH_FILE, json.dumps(cfg.to_dict(), indent=2) + "\n")
+    cfg.save(run, SEARCH_FILE)
     config = build_algorithm_config(cfg, steps, cpus, assets, run.uri)
     tuner = tune.Tuner(AutoDFPSAC, param_space=_param_space(config, budgets),
                        **_tuner_options(cfg, run))

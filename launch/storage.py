@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import os
 import posixpath
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from autodfp.errors import AutoDFPError
+from autodfp.io import atomic_writer
 
 URI_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
 """Schemes pyarrow resolves on its own (the ones Tune's ``storage_path`` accepts without
@@ -140,22 +140,13 @@ class Location:
         """Whole or not at all: written beside the target, then moved over it (a rename on
         a local or POSIX filesystem; an object store replaces the object in one put)."""
         target = posixpath.join(self.path, name)
-        self.fs.create_dir(posixpath.dirname(target), recursive=True)
-        if not self.is_local:
-            with self.fs.open_output_stream(target) as stream:
+        if self.is_local:
+            with atomic_writer(Path(target)) as stream:
                 stream.write(data)
             return
-        temporary = posixpath.join(posixpath.dirname(target),
-                                   f".{posixpath.basename(target)}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            with self.fs.open_output_stream(temporary) as stream:
-                stream.write(data)
-            self.fs.move(temporary, target)
-        finally:
-            from pyarrow import fs as pafs
-
-            if self.fs.get_file_info(temporary).type != pafs.FileType.NotFound:
-                self.fs.delete_file(temporary)
+        self.fs.create_dir(posixpath.dirname(target), recursive=True)
+        with self.fs.open_output_stream(target) as stream:
+            stream.write(data)
 
     def write_text(self, name: str, text: str) -> None:
         self.write_bytes(name, text.encode())
