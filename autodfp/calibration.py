@@ -117,7 +117,8 @@ def calibration_images(config: CalibrationConfig, model: nn.Module, spec, *,
     from autodfp.synthetic import synthetic_images
 
     if config.images == "synthetic":
-        return synthetic_images(model, spec.input_size, config.synth, progress=progress), config
+        return synthetic_images(model, spec.input_size, config.synth, mean=spec.mean, std=spec.std,
+                                progress=progress), config
     from autodfp.data import load_unlabeled, to_tensor
 
     x = load_unlabeled(config.images, spec.input_size, count=config.count, seed=config.seed)
@@ -332,15 +333,34 @@ def _refittable(module: nn.Module) -> bool:
     if isinstance(module, nn.Linear):
         return True
     return (isinstance(module, nn.Conv2d) and module.groups == 1
-            and module.padding_mode == "zeros" and not isinstance(module.padding, str))
+            and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+            and _input_padding(module) is not None)
+
+
+def _input_padding(conv: nn.Conv2d) -> tuple[int, int, int, int] | None:
+    """(left, right, top, bottom) zeros ``conv`` adds around its input before convolving, or
+    None when its forward is unknown. A plain ``nn.Conv2d`` pads ``conv.padding``; a TF-style
+    "same" conv (``Conv2dStaticSamePadding`` of the EfficientNet packages) first applies its
+    ``static_padding`` module, which the pre-hook's input has not seen yet (a refit that
+    ignored it read every patch one pixel off)."""
+    ph, pw = conv.padding
+    if type(conv).forward is nn.Conv2d.forward:
+        return pw, pw, ph, ph
+    static = getattr(conv, "static_padding", None)
+    if isinstance(static, nn.ZeroPad2d):
+        left, right, top, bottom = static.padding
+        return left + pw, right + pw, top + ph, bottom + ph
+    if static is not None and not list(static.parameters()) and type(static).__name__ == "Identity":
+        return pw, pw, ph, ph
+    return None
 
 
 def _conv_patches(conv: nn.Conv2d, x: torch.Tensor, rows) -> torch.Tensor:
     """The im2col rows of ``x`` at the sampled output positions, in weight.view(O, -1) order."""
     image, ys, xs = rows
-    (kh, kw), (sh, sw) = conv.kernel_size, conv.stride
-    (ph, pw), (dh, dw) = conv.padding, conv.dilation
-    padded = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+    padding = _input_padding(conv)
+    padded = F.pad(x, padding) if any(padding) else x
     taps = [padded[image, :, ys * sh + i * dh, xs * sw + j * dw]
             for i in range(kh) for j in range(kw)]
     return torch.stack(taps, dim=-1).reshape(len(image), -1).double()
@@ -370,4 +390,15 @@ def reestimate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: int
 
 
 DEFAULT_CALIBRATION = CalibrationConfig()
-"""What ``autodfp prune`` and the search use unless told otherwise."""
+"""What ``autodfp prune`` and the search use unless told otherwise, for a CIFAR-size model
+(:func:`default_calibration` picks the synthetic images by input size)."""
+
+
+def default_calibration(input_size: tuple[int, ...], **changes) -> CalibrationConfig:
+    """The default calibration of a model with this input size (its synthetic images' recipe
+    from :func:`autodfp.synthetic.default_config`), with ``changes`` to its fields."""
+    from autodfp.synthetic import default_config
+
+    if "synth" not in changes:
+        changes["synth"] = default_config(input_size)
+    return dataclasses.replace(DEFAULT_CALIBRATION, **changes)

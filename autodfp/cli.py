@@ -13,6 +13,7 @@ from pathlib import Path
 from autodfp.calibration import DEFAULT_CALIBRATION, ORDERS
 from autodfp.errors import AutoDFPError
 from autodfp.quantization import COMPENSATIONS, MAX_BITS, MIN_BITS, QuantConfig
+from autodfp.fidelity import FIDELITY_IMAGES
 from autodfp.synthetic import SynthConfig
 from autodfp.reconstruction import METHODS
 from autodfp.selection import CRITERIA
@@ -127,6 +128,10 @@ def add_core_commands(sub) -> dict:
     prune.add_argument("--quant", choices=COMPENSATIONS, default=None,
                        help=f"compensation of the quantization error (default "
                             f"{QuantConfig.compensate}; see docs/quantization.md)")
+    prune.add_argument("--fidelity-images", type=whole_number("fidelity image count", 0),
+                       default=None, help=f"held-out synthetic images on which the pruned "
+                       f"model's top-1 agreement with the unpruned one is estimated (default "
+                       f"{FIDELITY_IMAGES}; 0: no estimate)")
     add_data_arguments(prune)
     add_output_arguments(prune)
 
@@ -136,7 +141,8 @@ def add_core_commands(sub) -> dict:
     synth.add_argument("--count", type=whole_number("image count"), default=None,
                        help=f"images (default {SynthConfig.count})")
     synth.add_argument("--steps", type=whole_number("steps"), default=None,
-                       help=f"Adam steps per batch (default {SynthConfig.steps})")
+                       help=f"Adam steps per batch at full size (default {SynthConfig.steps}; "
+                            "for inputs over 64 px 6, after 60 at half size)")
     synth.add_argument("--batch-size", type=whole_number("batch size"), default=None,
                        help=f"images optimised together (default {SynthConfig.batch_size})")
     synth.add_argument("--seed", type=int, default=0)
@@ -346,20 +352,24 @@ def add_calibration_arguments(parser) -> None:
                         help="real unlabeled images instead of synthetic ones: an ImageFolder "
                              "tree, a folder of images or an .npz with x (labels ignored)")
     parser.add_argument("--synth-steps", type=whole_number("synthesis steps"), default=None,
-                        help=f"Adam steps per batch of synthetic images (default "
-                             f"{DEFAULT_CALIBRATION.synth.steps})")
+                        help=f"Adam steps per batch of synthetic images at full size (default "
+                             f"{DEFAULT_CALIBRATION.synth.steps}; for inputs over 64 px 6, "
+                             "after 60 at half size)")
 
 
-def calibration_from_args(args):
-    """The CalibrationConfig the flags ask for (None for --calib none)."""
+def calibration_from_args(args, input_size: tuple[int, ...]):
+    """The CalibrationConfig the flags ask for (None for --calib none), for a model of this
+    input size (its default synthetic images depend on it)."""
     import dataclasses
+
+    from autodfp.calibration import default_calibration
 
     if args.calib == "none":
         if args.calib_images or args.calib_data or args.synth_steps:
             raise AutoDFPError("--calib none takes no --calib-images, --calib-data or "
                                "--synth-steps")
         return None
-    config = DEFAULT_CALIBRATION
+    config = default_calibration(input_size)
     changes = {}
     if args.calib:
         changes["order"] = args.calib
@@ -443,11 +453,47 @@ def cmd_prune(args) -> int:
     if (strategy.layer_bits and calibrator is None
             and strategy.quant_config().compensate.startswith("calibrate")):
         quant_images = default_quant_images(*base, progress=True)  # made once, then cached
+    fidelity = FidelityProbe.for_strategy(strategy, *base, args.fidelity_images)
     start = time.perf_counter()
     pruned = apply_strategy(strategy, base, calibrator=calibrator, quant_images=quant_images)
     _say(f"pruned and calibrated in {time.perf_counter() - start:.1f} s")
-    write_pruned(pruned, args, splits=splits)
+    extra = fidelity.report(pruned.model) if fidelity else None
+    write_pruned(pruned, args, extra_report=extra, splits=splits)
     return 0
+
+
+class FidelityProbe:
+    """The unpruned model and its held-out synthetic images, kept from before the prune
+    (which changes the model in place), to estimate the pruned model's fidelity after it."""
+
+    def __init__(self, base_model, images):
+        self.base_model = base_model
+        self.images = images
+
+    @classmethod
+    def for_strategy(cls, strategy, model, spec, count: int | None) -> "FidelityProbe | None":
+        import copy
+
+        from autodfp.fidelity import fidelity_images
+        from autodfp.synthetic import default_config
+
+        count = FIDELITY_IMAGES if count is None else count
+        if count == 0:
+            return None
+        calibration = strategy.calibration
+        synth = (calibration.synth if calibration is not None and calibration.images == "synthetic"
+                 else default_config(spec.input_size))
+        _say(f"fidelity: {count} held-out synthetic images (seed {synth.seed + 1})")
+        images = fidelity_images(model, spec, synth, count=count, progress=True)
+        return cls(copy.deepcopy(model).eval(), images)
+
+    def report(self, pruned_model) -> dict:
+        from autodfp.fidelity import estimate
+
+        fidelity = estimate(self.base_model, pruned_model, self.images)
+        if fidelity.warning():
+            print(f"warning: {fidelity.warning()}", file=sys.stderr, flush=True)
+        return {"fidelity": fidelity.to_dict()}
 
 
 def write_pruned(pruned, args, extra_report: dict | None = None, splits=None) -> dict:
@@ -496,7 +542,7 @@ def _strategy_from_args(args):
         raise AutoDFPError("give either --keep or --macs, not both")
     if not args.model or (args.keep is None and args.macs is None):
         raise AutoDFPError("give --model and --keep (or --macs), or --strategy FILE")
-    calibration = calibration_from_args(args)
+    calibration = calibration_from_args(args, _model_spec(args).input_size)
     if args.quant is not None and args.bits is None:
         raise AutoDFPError("--quant needs --bits")
     keep = args.keep if args.macs is None else _uniform_keep_for_macs(args)
@@ -509,6 +555,14 @@ def _strategy_from_args(args):
     if args.bits is not None:
         strategy.quantization = QuantConfig(compensate=args.quant or QuantConfig.compensate)
     return strategy
+
+
+def _model_spec(args):
+    """How the model of the flags is fed (built without its weights)."""
+    from autodfp.models import build_model
+
+    return build_model(args.model, args.checkpoint, pretrained=False,
+                       input_spec=input_spec_from_args(args))[1]
 
 
 def _uniform_keep_for_macs(args) -> float:
@@ -575,7 +629,7 @@ def cmd_synth(args) -> int:
 
     from autodfp.io import atomic_directory
     from autodfp.models import build_model
-    from autodfp.synthetic import cache_path, save_grid, synthetic_images
+    from autodfp.synthetic import cache_path, default_config, save_grid, synthetic_images
 
     if args.model is None:
         raise AutoDFPError("give --model NAME (or a --model-card naming it)")
@@ -584,12 +638,13 @@ def cmd_synth(args) -> int:
     say_model(spec, args.checkpoint)
     changes = {k: v for k, v in (("count", args.count), ("steps", args.steps),
                                  ("batch_size", args.batch_size)) if v is not None}
-    config = dataclasses.replace(DEFAULT_CALIBRATION.synth, seed=args.seed, **changes)
+    config = dataclasses.replace(default_config(spec.input_size), seed=args.seed, **changes)
     _say(f"synthesising {config.count} images for {args.model} ({config.steps} steps per "
          f"batch of {config.batch_size})")
-    cached = cache_path(model, spec.input_size, config).is_file()
+    cached = cache_path(model, spec.input_size, config, spec.mean, spec.std).is_file()
     start = time.perf_counter()
-    images = synthetic_images(model, spec.input_size, config, progress=True)
+    images = synthetic_images(model, spec.input_size, config, mean=spec.mean, std=spec.std,
+                              progress=True)
     seconds = time.perf_counter() - start
     with atomic_directory(args.out, overwrite=args.force) as scratch:
         import torch

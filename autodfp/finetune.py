@@ -363,11 +363,11 @@ def training_images(data: str, teacher: nn.Module, spec: ModelSpec, *,
     from autodfp.metrics import check_labelled_images
 
     if data == "synthetic":
-        from autodfp.calibration import DEFAULT_CALIBRATION
-        from autodfp.synthetic import synthetic_images
+        from autodfp.synthetic import default_config, synthetic_images
 
-        config = dataclasses.replace(DEFAULT_CALIBRATION.synth, count=synthetic_count)
-        images = synthetic_images(teacher, spec.input_size, config, progress=progress)
+        config = dataclasses.replace(default_config(spec.input_size), count=synthetic_count)
+        images = synthetic_images(teacher, spec.input_size, config, mean=spec.mean,
+                                  std=spec.std, progress=progress)
         return TrainingImages(f"synthetic-{synthetic_count}", images)
     if data == TRAIN_DATA_CIFAR:
         if spec.dataset != "cifar10":

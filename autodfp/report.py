@@ -105,6 +105,11 @@ def format_report(report: dict) -> str:
         n = report["images"][split]
         rows.append((f"top-1 {split} ({n}) %", f"{before:.2f}", f"{acc:.2f}",
                      f"{acc - before:+.2f} pt"))
+    fidelity = report.get("fidelity")
+    if fidelity:
+        rows.append((f"top-1 agreement, {fidelity['images']} held-out synthetic %", "100.00",
+                     f"{fidelity['agreement_percent']:.2f}",
+                     "LOW" if fidelity["low"] else ""))
     for key, value in pruned.get("latency_ms", {}).items():
         rows.append((f"latency {key} (ms)", "", f"{value:.2f}", ""))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]

@@ -34,6 +34,7 @@ import gymnasium as gym
 import numpy as np
 
 from autodfp.calibration import Calibrator, CalibrationConfig
+from autodfp.synthetic import default_config
 from autodfp.costmodel import MacsModel
 from autodfp.data import ImageSet, load_split, load_user_data, reward_split, split_user_data
 from autodfp.errors import AutoDFPError
@@ -165,10 +166,16 @@ class EnvConfig:
             return None
         return from_mapping(QuantSearch, self.quantize, "quantize")
 
-    def calibration_config(self) -> CalibrationConfig | None:
+    def calibration_config(self, input_size: tuple[int, ...] | None = None
+                           ) -> CalibrationConfig | None:
+        """The calibration; with ``input_size``, synthetic images not set in ``calibration``
+        follow the default recipe for that input size (:func:`default_calibration`)."""
         if self.calibration is None:
             return None
-        return CalibrationConfig.from_dict(self.calibration)
+        config = CalibrationConfig.from_dict(self.calibration)
+        if input_size is not None and "synth" not in self.calibration:
+            config = dataclasses.replace(config, synth=default_config(input_size))
+        return config
 
 
 def search_images(config: EnvConfig, spec) -> tuple[ImageSet, list[ImageSet]]:
@@ -215,9 +222,9 @@ class EnvAssets:
     def load(cls, config: EnvConfig) -> "EnvAssets":
         template = Strategy(config.model, {}, config.select, config.reconstruct,
                             config.checkpoint, checkpoint_digest(config.model, config.checkpoint),
-                            calibration=config.calibration_config(),
                             input=config.input_spec(), coupled=config.coupled)
         model, spec = load_base(template)
+        template.calibration = config.calibration_config(spec.input_size)
         images = search_images(config, spec)[0]
         check_labelled_images(images, model, spec)  # before any search
         calibrator = None

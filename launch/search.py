@@ -309,28 +309,30 @@ def load_assets(cfg: SearchConfig, budgets: list[float] | None = None):
     from envs.autodfp_env import AutoDFPEnv, EnvAssets
 
     env_config = cfg.env_config()
-    calibration = env_config.calibration_config()
-    if calibration is not None and calibration.images == "synthetic":
-        _prepare_synthetic_images(env_config, calibration)
+    if env_config.calibration is not None:
+        _prepare_synthetic_images(env_config)
     assets = EnvAssets.load(env_config)
     for budget in budgets or [env_config.macs_budget]:
         env = AutoDFPEnv({**cfg.env, "macs_budget": budget}, assets=assets)
     return len(env.group_names), assets.portable()
 
 
-def _prepare_synthetic_images(env_config, calibration) -> None:
+def _prepare_synthetic_images(env_config) -> None:
     from autodfp.models import build_model
     from autodfp.synthetic import cache_path, synthetic_images
 
     model, spec = build_model(env_config.model, env_config.checkpoint,
                               input_spec=env_config.input_spec())
-    if cache_path(model, spec.input_size, calibration.synth).is_file():
+    calibration = env_config.calibration_config(spec.input_size)
+    if (calibration.images != "synthetic"
+            or cache_path(model, spec.input_size, calibration.synth, spec.mean, spec.std).is_file()):
         return
     print(f"synthesising {calibration.count} calibration images for {env_config.model} "
           f"({calibration.synth.steps} steps per batch; once, then cached)", file=sys.stderr,
           flush=True)
     start = time.monotonic()
-    synthetic_images(model, spec.input_size, calibration.synth, progress=True)
+    synthetic_images(model, spec.input_size, calibration.synth, mean=spec.mean, std=spec.std,
+                     progress=True)
     print(f"calibration images ready in {time.monotonic() - start:.0f} s", file=sys.stderr,
           flush=True)
 

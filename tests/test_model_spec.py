@@ -221,7 +221,7 @@ def test_efficientnet_lite1_on_imagenette_eval_and_prune(tmp_path, capfd):
 
     pruned_dir = tmp_path / "pruned"
     _cli(capfd, "prune", "--model", "efficientnet_lite1", "--macs", "0.5", "--calib", "none",
-         "--no-onnx", *data, "--out", pruned_dir)
+         "--fidelity-images", "2", "--no-onnx", *data, "--out", pruned_dir)
     report = json.loads((pruned_dir / "report.json").read_text())
     pruned, pruned_spec, _ = load_pruned(pruned_dir)
     independent = (_conv_and_linear_macs(pruned, pruned_spec.input_size)

@@ -1,0 +1,99 @@
+"""A data-free estimate of how faithful a pruned model is to its parent.
+
+No labelled image is needed: the two models classify held-out synthetic images (made from the
+parent's BatchNorm statistics like the calibration images, with another seed, so never seen by
+the refit) and the share of images on which their top-1 classes agree is reported. A pruned
+model that collapsed (one class for everything, or noise) agrees on few of them, so every
+prune can say so, with ``--no-eval`` too. How well the agreement tracks real accuracy is
+measured in ``docs/calibration.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from autodfp.errors import AutoDFPError
+from autodfp.synthetic import SynthConfig, synthetic_images
+
+FIDELITY_IMAGES = 64
+"""Held-out synthetic images the estimate uses by default."""
+LOW_AGREEMENT_PERCENT = 25.0
+"""Below this top-1 agreement a prune prints a ``warning:`` line. On ResNet-20 (30 random
+uncalibrated strategies, ``bench/fidelity.py``) every strategy below it had lost at least 31
+points of accuracy, and none above it had collapsed; see docs/calibration.md."""
+SEED_OFFSET = 1
+"""The held-out images' seed is the calibration images' seed plus this: other noise, other
+jitter, never the refit's images."""
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    images: int
+    """Held-out synthetic images scored."""
+    agreement_percent: float
+    """Share of them on which the pruned and the unpruned model agree on the top-1 class."""
+    kl: float
+    """Mean KL(unpruned || pruned) of the softmax outputs, in nats."""
+    classes_predicted: int
+    """Distinct classes the pruned model predicts on them (1: it collapsed to one class)."""
+
+    @property
+    def low(self) -> bool:
+        return self.agreement_percent < LOW_AGREEMENT_PERCENT
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "low": self.low,
+                "threshold_percent": LOW_AGREEMENT_PERCENT}
+
+    def warning(self) -> str | None:
+        if not self.low:
+            return None
+        return (f"the pruned model agrees with the unpruned one on only "
+                f"{self.agreement_percent:.1f} % of {self.images} held-out synthetic images "
+                f"(below {LOW_AGREEMENT_PERCENT:g} %; it predicts {self.classes_predicted} "
+                "distinct class(es)): it has probably lost much of its accuracy; keep more channels "
+                "or calibrate on real unlabeled images (--calib-data)")
+
+
+def fidelity_config(synth: SynthConfig, count: int = FIDELITY_IMAGES) -> SynthConfig:
+    """How the held-out images are made: as ``synth`` (the calibration's settings), ``count``
+    of them, another seed."""
+    if not isinstance(count, int) or isinstance(count, bool) or count <= 0:
+        raise AutoDFPError(f"fidelity image count must be a positive integer, got {count!r}")
+    return dataclasses.replace(synth, count=count, seed=synth.seed + SEED_OFFSET)
+
+
+def fidelity_images(model: nn.Module, spec, synth: SynthConfig, *,
+                    count: int = FIDELITY_IMAGES, progress: bool = False) -> torch.Tensor:
+    """The held-out synthetic images of the unpruned ``model`` (cached like any synthetic set)."""
+    return synthetic_images(model, spec.input_size, fidelity_config(synth, count),
+                            mean=spec.mean, std=spec.std, progress=progress)
+
+
+@torch.inference_mode()
+def estimate(base: nn.Module, pruned: nn.Module, images: torch.Tensor,
+             batch_size: int = 64) -> Fidelity:
+    """Top-1 agreement and KL of ``pruned`` against ``base`` on normalised ``images``."""
+    agree, kl, predicted = 0, 0.0, []
+    base_was, pruned_was = base.training, pruned.training
+    base.eval()
+    pruned.eval()
+    try:
+        for start in range(0, len(images), batch_size):
+            x = images[start:start + batch_size]
+            reference = F.log_softmax(base(x).float(), dim=1)
+            candidate = F.log_softmax(pruned(x).float(), dim=1)
+            top = candidate.argmax(1)
+            agree += int((reference.argmax(1) == top).sum())
+            kl += float(F.kl_div(candidate, reference, log_target=True, reduction="sum"))
+            predicted.append(top)
+    finally:
+        base.train(base_was)
+        pruned.train(pruned_was)
+    n = len(images)
+    return Fidelity(n, 100.0 * agree / n, kl / n, int(torch.cat(predicted).unique().numel()))

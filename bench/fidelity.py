@@ -1,0 +1,95 @@
+"""How well the data-free fidelity estimate tracks real accuracy.
+
+Random per-layer strategies (keep ratios uniform in [--low, 1], seeded) of one model are pruned,
+optionally calibrated, and scored twice: top-1 agreement with the unpruned model on held-out
+synthetic images (:mod:`autodfp.fidelity`, no labelled image) and real top-1 accuracy. Prints
+each strategy and the Spearman rank correlation, and how many collapsed strategies the warning
+caught.
+
+    python bench/fidelity.py --model resnet20 --strategies 30 --calib none
+    python bench/fidelity.py --model resnet20 --strategies 30 --calib refit
+    python bench/fidelity.py --model efficientnet_lite1 --strategies 12 --low 0.85 \\
+        --data ../shared/data/imagenette/imagenette2_val_224px.tar \\
+        --class-index ../shared/data/imagenette/imagenet_class_index.json --score-images 400
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> None:
+    from scipy.stats import spearmanr
+
+    from autodfp.calibration import Calibrator, default_calibration
+    from autodfp.data import load_split, load_user_data
+    from autodfp.fidelity import LOW_AGREEMENT_PERCENT, estimate, fidelity_images
+    from autodfp.metrics import accuracy
+    from autodfp.pruning import apply_strategy, load_base, uniform_strategy
+    from autodfp.strategy import LayerAction
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="resnet20")
+    parser.add_argument("--strategies", type=int, default=30)
+    parser.add_argument("--low", type=float, default=0.2, help="lowest per-layer keep")
+    parser.add_argument("--calib", choices=("none", "refit"), default="none")
+    parser.add_argument("--fidelity-images", type=int, default=64)
+    parser.add_argument("--data", default=None, help="labelled images (default: the lossless "
+                                                     "CIFAR-10 1,017)")
+    parser.add_argument("--class-index", default=None)
+    parser.add_argument("--score-images", type=int, default=0, help="score on this many "
+                                                                    "(seeded) images; 0: all")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    template = uniform_strategy(args.model, 1.0, reconstruct="autodfp")
+    model, spec = load_base(template)
+    if args.data:
+        images = load_user_data(args.data, input_size=spec.input_size,
+                                class_index=args.class_index)
+    else:
+        images = load_split("test-lossless")
+    if args.score_images:
+        pick = np.random.default_rng(args.seed).permutation(len(images))[:args.score_images]
+        images = images.subset(np.sort(pick), f"{images.name}-{args.score_images}")
+    calibration = default_calibration(spec.input_size) if args.calib == "refit" else None
+    probe = fidelity_images(model, spec, (calibration or default_calibration(spec.input_size)).synth,
+                            count=args.fidelity_images, progress=True)
+    calibrator = (Calibrator.for_model(model, spec, calibration, progress=True)
+                  if calibration else None)
+    base_acc = accuracy(model, images, spec)
+    print(f"{args.model}: unpruned {base_acc:.2f} % on {len(images)} {images.name}; "
+          f"calibration {args.calib}; {args.fidelity_images} held-out synthetic images")
+    rng = np.random.default_rng(args.seed)
+    rows = []
+    for i in range(args.strategies):
+        strategy = copy.deepcopy(template)
+        strategy.layers = {name: LayerAction(float(rng.uniform(args.low, 1.0)), 1.0)
+                           for name in template.layers}
+        strategy.calibration = calibrator.config if calibrator else None
+        pruned = apply_strategy(strategy, (copy.deepcopy(model), spec), calibrator=calibrator)
+        fidelity = estimate(model, pruned.model, probe)
+        acc = accuracy(pruned.model, images, spec)
+        rows.append((fidelity.agreement_percent, acc))
+        print(f"{i:3d}  agreement {fidelity.agreement_percent:6.2f} %  KL {fidelity.kl:7.3f}  "
+              f"accuracy {acc:6.2f} %", flush=True)
+    agreement, acc = np.array(rows).T
+    rho = spearmanr(agreement, acc).statistic
+    collapsed = acc < base_acc / 2
+    warned = agreement < LOW_AGREEMENT_PERCENT
+    print(f"Spearman rank correlation (agreement vs accuracy) over {len(rows)} strategies: "
+          f"{rho:.3f}")
+    print(f"accuracy below half the unpruned: {int(collapsed.sum())}, of them warned "
+          f"{int((collapsed & warned).sum())}; warned but not collapsed: "
+          f"{int((warned & ~collapsed).sum())}")
+
+
+if __name__ == "__main__":
+    main()
