@@ -475,10 +475,14 @@ class FidelityProbe:
         import copy
 
         from autodfp.fidelity import fidelity_images
-        from autodfp.synthetic import default_config
+        from autodfp.synthetic import default_config, has_bn_statistics
 
         count = FIDELITY_IMAGES if count is None else count
         if count == 0:
+            return None
+        if not has_bn_statistics(model):
+            _say("fidelity: not estimated (the model has no BatchNorm statistics to make "
+                 "synthetic images from)")
             return None
         calibration = strategy.calibration
         synth = (calibration.synth if calibration is not None and calibration.images == "synthetic"

@@ -188,8 +188,7 @@ def generate(model: nn.Module, input_size: tuple[int, ...], config: SynthConfig 
     if config.clip and (mean is None or std is None):
         raise ValueError("clipping synthetic images needs the model's mean and std")
     model = copy.deepcopy(model).eval()
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-           and m.running_mean is not None]
+    bns = _bn_layers(model)
     if not bns:
         raise AutoDFPError("the model has no BatchNorm layer with running statistics: "
                            "synthetic images need them (pass --calib-data instead)")
@@ -215,6 +214,16 @@ def generate(model: nn.Module, input_size: tuple[int, ...], config: SynthConfig 
     finally:
         bar.close()
     return torch.cat(batches)
+
+
+def _bn_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and m.running_mean is not None]
+
+
+def has_bn_statistics(model: nn.Module) -> bool:
+    """Whether synthetic images can be made for ``model`` (it has BN running statistics)."""
+    return bool(_bn_layers(model))
 
 
 def _optimise_batch(model, bns, size, input_size, config, generator, bar, bounds) -> torch.Tensor:

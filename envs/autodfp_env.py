@@ -34,7 +34,6 @@ import gymnasium as gym
 import numpy as np
 
 from autodfp.calibration import Calibrator, CalibrationConfig
-from autodfp.synthetic import default_config
 from autodfp.costmodel import MacsModel
 from autodfp.data import ImageSet, load_split, load_user_data, reward_split, split_user_data
 from autodfp.errors import AutoDFPError
@@ -50,6 +49,7 @@ from autodfp.quantization import (FLOAT_BITS, QuantConfig, check_bits, layer_mac
 from autodfp.settings import check_choice, from_mapping
 from autodfp.similarity import similarity_stats
 from autodfp.strategy import LayerAction, Strategy
+from autodfp.synthetic import default_config
 
 
 BUDGETS = ("macs", "weight_bytes", "bitops")
@@ -126,7 +126,8 @@ class EnvConfig:
     """Reconstruction method (autodfp.reconstruction)."""
     calibration: dict | None = field(default_factory=dict)
     """Fields of :class:`autodfp.calibration.CalibrationConfig` ({} = its defaults: refit on
-    256 synthetic images); None: no calibration (the closed-form compensation alone)."""
+    256 synthetic images, made by the recipe for the model's input size unless ``synth`` is
+    given); None: no calibration (the closed-form compensation alone)."""
     device: str = "auto"
     """Where rewards are evaluated: ``auto`` takes the GPU this process was given, if any.
     Off the CPU the reward images are normalised once and stay on the device."""

@@ -173,3 +173,11 @@ def test_no_fidelity_images_no_estimate(tmp_path):
                    "--fidelity-images", "0", "--no-eval", "--no-onnx", "--out", tmp_path / "o")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "fidelity" not in json.loads((tmp_path / "o" / "report.json").read_text())
+
+
+def test_a_model_without_batchnorm_prunes_without_an_estimate(tmp_path):
+    done = run_cli("prune", "--model", "tests.user_models:plain_net", "--keep", "0.5",
+                   "--calib", "none", "--no-eval", "--no-onnx", "--out", tmp_path / "o")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "fidelity: not estimated (the model has no BatchNorm" in done.stderr
+    assert "fidelity" not in json.loads((tmp_path / "o" / "report.json").read_text())

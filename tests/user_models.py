@@ -52,3 +52,15 @@ def underscored_net():
 
     torch.manual_seed(0)
     return _Underscored()
+
+
+def plain_net():
+    """No BatchNorm (nothing to synthesise images from): seeded weights, 16x16 inputs."""
+    import torch
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    model.input_size = (3, 16, 16)
+    return model
