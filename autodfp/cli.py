@@ -453,51 +453,39 @@ def cmd_prune(args) -> int:
     if (strategy.layer_bits and calibrator is None
             and strategy.quant_config().compensate.startswith("calibrate")):
         quant_images = default_quant_images(*base, progress=True)  # made once, then cached
-    fidelity = FidelityProbe.for_strategy(strategy, *base, args.fidelity_images)
+    fidelity = _fidelity_probe(strategy, *base, args.fidelity_images)
     start = time.perf_counter()
     pruned = apply_strategy(strategy, base, calibrator=calibrator, quant_images=quant_images)
     _say(f"pruned and calibrated in {time.perf_counter() - start:.1f} s")
-    extra = fidelity.report(pruned.model) if fidelity else None
-    write_pruned(pruned, args, extra_report=extra, splits=splits)
+    write_pruned(pruned, args, extra_report=_fidelity_report(fidelity, pruned.model),
+                 splits=splits)
     return 0
 
 
-class FidelityProbe:
-    """The unpruned model and its held-out synthetic images, kept from before the prune
-    (which changes the model in place), to estimate the pruned model's fidelity after it."""
+def _fidelity_probe(strategy, model, spec, count: int | None):
+    """The held-out images and a copy of the unpruned model, made before the prune changes
+    ``model`` in place; None when no estimate is asked for or possible (said why)."""
+    from autodfp.fidelity import FidelityProbe
+    from autodfp.synthetic import has_bn_statistics
 
-    def __init__(self, base_model, images):
-        self.base_model = base_model
-        self.images = images
+    count = FIDELITY_IMAGES if count is None else count
+    if count == 0:
+        return None
+    if not has_bn_statistics(model):
+        _say("fidelity: not estimated (the model has no BatchNorm statistics to make "
+             "synthetic images from)")
+        return None
+    _say(f"fidelity: {count} held-out synthetic images")
+    return FidelityProbe.make(model, spec, strategy.calibration, count=count, progress=True)
 
-    @classmethod
-    def for_strategy(cls, strategy, model, spec, count: int | None) -> "FidelityProbe | None":
-        import copy
 
-        from autodfp.fidelity import fidelity_images
-        from autodfp.synthetic import default_config, has_bn_statistics
-
-        count = FIDELITY_IMAGES if count is None else count
-        if count == 0:
-            return None
-        if not has_bn_statistics(model):
-            _say("fidelity: not estimated (the model has no BatchNorm statistics to make "
-                 "synthetic images from)")
-            return None
-        calibration = strategy.calibration
-        synth = (calibration.synth if calibration is not None and calibration.images == "synthetic"
-                 else default_config(spec.input_size))
-        _say(f"fidelity: {count} held-out synthetic images (seed {synth.seed + 1})")
-        images = fidelity_images(model, spec, synth, count=count, progress=True)
-        return cls(copy.deepcopy(model).eval(), images)
-
-    def report(self, pruned_model) -> dict:
-        from autodfp.fidelity import estimate
-
-        fidelity = estimate(self.base_model, pruned_model, self.images)
-        if fidelity.warning():
-            print(f"warning: {fidelity.warning()}", file=sys.stderr, flush=True)
-        return {"fidelity": fidelity.to_dict()}
+def _fidelity_report(probe, pruned_model) -> dict | None:
+    if probe is None:
+        return None
+    fidelity = probe.estimate(pruned_model)
+    if fidelity.warning():
+        print(f"warning: {fidelity.warning()}", file=sys.stderr, flush=True)
+    return {"fidelity": fidelity.to_dict()}
 
 
 def write_pruned(pruned, args, extra_report: dict | None = None, splits=None) -> dict:
@@ -546,10 +534,11 @@ def _strategy_from_args(args):
         raise AutoDFPError("give either --keep or --macs, not both")
     if not args.model or (args.keep is None and args.macs is None):
         raise AutoDFPError("give --model and --keep (or --macs), or --strategy FILE")
-    calibration = calibration_from_args(args, _model_spec(args).input_size)
+    unweighted = _unweighted_model(args)
+    calibration = calibration_from_args(args, unweighted[1].input_size)
     if args.quant is not None and args.bits is None:
         raise AutoDFPError("--quant needs --bits")
-    keep = args.keep if args.macs is None else _uniform_keep_for_macs(args)
+    keep = args.keep if args.macs is None else _uniform_keep_for_macs(args, *unweighted)
     strategy = uniform_strategy(args.model, keep, select=args.select,
                                 reconstruct=args.reconstruct, coef=args.coef,
                                 checkpoint=args.checkpoint, bits=args.bits,
@@ -561,21 +550,18 @@ def _strategy_from_args(args):
     return strategy
 
 
-def _model_spec(args):
-    """How the model of the flags is fed (built without its weights)."""
+def _unweighted_model(args):
+    """The model of the flags, built without its weights, and how it is fed."""
     from autodfp.models import build_model
 
     return build_model(args.model, args.checkpoint, pretrained=False,
-                       input_spec=input_spec_from_args(args))[1]
+                       input_spec=input_spec_from_args(args))
 
 
-def _uniform_keep_for_macs(args) -> float:
+def _uniform_keep_for_macs(args, model, spec) -> float:
     from autodfp.costmodel import uniform_keep_for_macs
     from autodfp.metrics import count_macs
-    from autodfp.models import build_model
 
-    model, spec = build_model(args.model, args.checkpoint, pretrained=False,
-                              input_spec=input_spec_from_args(args))
     keep = uniform_keep_for_macs(model, spec, count_macs(model, spec), args.macs,
                                  coupled=args.coupled)
     _say(f"--macs {args.macs:g}: uniform keep {keep:.4f} of every prunable group")

@@ -10,6 +10,7 @@ measured in ``docs/calibration.md``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 
@@ -18,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from autodfp.errors import AutoDFPError
-from autodfp.synthetic import SynthConfig, synthetic_images
+from autodfp.synthetic import SynthConfig, default_config, synthetic_images
 
 FIDELITY_IMAGES = 64
 """Held-out synthetic images the estimate uses by default."""
@@ -73,6 +74,29 @@ def fidelity_images(model: nn.Module, spec, synth: SynthConfig, *,
     """The held-out synthetic images of the unpruned ``model`` (cached like any synthetic set)."""
     return synthetic_images(model, spec.input_size, fidelity_config(synth, count),
                             mean=spec.mean, std=spec.std, progress=progress)
+
+
+class FidelityProbe:
+    """The unpruned model (a copy) and its held-out synthetic images: made before a prune
+    changes the model in place, to estimate the pruned model's fidelity after it."""
+
+    def __init__(self, base_model: nn.Module, images: torch.Tensor):
+        self.base_model = base_model
+        self.images = images
+
+    @classmethod
+    def make(cls, model: nn.Module, spec, calibration=None, *, count: int = FIDELITY_IMAGES,
+             progress: bool = False) -> "FidelityProbe":
+        """Held-out images made like ``calibration``'s synthetic images (a
+        :class:`autodfp.calibration.CalibrationConfig`), or, without synthetic calibration
+        images, by the default recipe for the model's input size."""
+        synth = (calibration.synth if calibration is not None and calibration.images == "synthetic"
+                 else default_config(spec.input_size))
+        images = fidelity_images(model, spec, synth, count=count, progress=progress)
+        return cls(copy.deepcopy(model).eval(), images)
+
+    def estimate(self, pruned: nn.Module) -> Fidelity:
+        return estimate(self.base_model, pruned, self.images)
 
 
 @torch.inference_mode()

@@ -30,7 +30,7 @@ def main() -> None:
 
     from autodfp.calibration import Calibrator, default_calibration
     from autodfp.data import load_split, load_user_data
-    from autodfp.fidelity import LOW_AGREEMENT_PERCENT, estimate, fidelity_images
+    from autodfp.fidelity import LOW_AGREEMENT_PERCENT, FidelityProbe
     from autodfp.metrics import accuracy
     from autodfp.pruning import apply_strategy, load_base, uniform_strategy
     from autodfp.strategy import LayerAction
@@ -60,8 +60,8 @@ def main() -> None:
         pick = np.random.default_rng(args.seed).permutation(len(images))[:args.score_images]
         images = images.subset(np.sort(pick), f"{images.name}-{args.score_images}")
     calibration = default_calibration(spec.input_size) if args.calib == "refit" else None
-    probe = fidelity_images(model, spec, (calibration or default_calibration(spec.input_size)).synth,
-                            count=args.fidelity_images, progress=True)
+    probe = FidelityProbe.make(model, spec, calibration, count=args.fidelity_images,
+                               progress=True)
     calibrator = (Calibrator.for_model(model, spec, calibration, progress=True)
                   if calibration else None)
     base_acc = accuracy(model, images, spec)
@@ -75,7 +75,7 @@ def main() -> None:
                            for name in template.layers}
         strategy.calibration = calibrator.config if calibrator else None
         pruned = apply_strategy(strategy, (copy.deepcopy(model), spec), calibrator=calibrator)
-        fidelity = estimate(model, pruned.model, probe)
+        fidelity = probe.estimate(pruned.model)
         acc = accuracy(pruned.model, images, spec)
         rows.append((fidelity.agreement_percent, acc))
         print(f"{i:3d}  agreement {fidelity.agreement_percent:6.2f} %  KL {fidelity.kl:7.3f}  "
