@@ -295,7 +295,7 @@ def load_user_data(path: str | Path, *, input_size: tuple[int, int, int] | None 
         raise AutoDFPError(f"crop ratio must be in (0, 1], got {crop_ratio}")
     if path.suffix == ".npz":
         if class_index is not None:
-            raise AutoDFPError("--class-index maps class folders; an .npz holds labels already")
+            raise AutoDFPError("class_index maps class folders; an .npz holds labels already")
         return _load_npz(path)
     if path.is_dir() or tarfile.is_tarfile(path):
         return _load_image_tree(path, input_size, crop_ratio, _class_index(class_index),

@@ -26,10 +26,11 @@ import torch
 import torch.nn as nn
 
 from autodfp.errors import AutoDFPError
-from autodfp.graph import ChannelGraph
+from autodfp.compress.graph import ChannelGraph
 from autodfp.io import atomic_directory
-from autodfp.models import ModelSpec, build_model, load_state_dict_checked
-from autodfp.pruning import PrunedModel
+from autodfp.models import ModelSpec, build_model
+from autodfp.models.checkpoint import load_state_dict_checked
+from autodfp.pipeline import PrunedModel
 from autodfp.strategy import Strategy
 
 MODEL_FORMAT = "autodfp-model/1"
@@ -75,7 +76,7 @@ def _model_payload(pruned: PrunedModel) -> dict:
 def _quantized_payload(pruned: PrunedModel) -> dict:
     """Two flat buffers (every layer's packed codes; every float32 tensor: steps, biases, BN)
     and their index: one record each keeps the container's per-tensor overhead out."""
-    from autodfp.quantization import pack_codes
+    from autodfp.quantize.weights import pack_codes
 
     codes, floats, layers, tensors, other = [], [], {}, {}, {}
     code_at = float_at = 0
@@ -110,7 +111,7 @@ def _quantized_payload(pruned: PrunedModel) -> dict:
 
 def load_quantized(path: str | Path) -> tuple[nn.Module, ModelSpec, Strategy]:
     """Rebuild a quantized model from ``model.q.pt`` (or the folder holding it)."""
-    from autodfp.quantization import QuantizedWeight, check_bits, unpack_codes
+    from autodfp.quantize.weights import QuantizedWeight, check_bits, unpack_codes
 
     path = Path(path)
     if path.is_dir():
@@ -170,11 +171,16 @@ def _try_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> str:
 
 def load_pruned(path: str | Path) -> tuple[nn.Module, ModelSpec, Strategy]:
     """Rebuild a pruned model from ``model.pt`` (or the folder holding it)."""
+    payload, path = read_model_file(path)
+    return _rebuild(payload, payload["state_dict"], path)
+
+
+def read_model_file(path: str | Path) -> tuple[dict, Path]:
+    """The payload of ``model.pt`` (or of the folder holding it), and the file's path."""
     path = Path(path)
     if path.is_dir():
         path = path / "model.pt"
-    payload = _load_payload(path, MODEL_FORMAT)
-    return _rebuild(payload, payload["state_dict"], path)
+    return _load_payload(path, MODEL_FORMAT), path
 
 
 def shrink_to(model: nn.Module, spec: ModelSpec, channels: dict[str, int]) -> None:

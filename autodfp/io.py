@@ -52,7 +52,7 @@ def atomic_directory(out: Path, *, overwrite: bool = False):
     if out.exists() and not out.is_dir():
         raise AutoDFPError(f"output path exists and is not a folder: {out}")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise AutoDFPError(f"output folder {out} is not empty; pass --force to replace it")
+        raise AutoDFPError(f"output folder {out} is not empty; ask to overwrite it to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_scratch(out)
     scratch = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.{os.getpid()}.",

@@ -11,10 +11,10 @@
 ``keep`` is the kept share of the group's output channels; the kept count is
 ``round_half_up(keep * channels)``, at least 1. ``bits`` (absent: float) quantizes the layer
 of that name (any conv or linear layer: a layer that is not a group's producer is listed with
-keep 1) after pruning and calibration, as ``quantization`` says (:mod:`autodfp.quantization`).
+keep 1) after pruning and calibration, as ``quantization`` says (:mod:`autodfp.quantize.weights`).
 ``coef`` is the reconstruction coefficient
 (it blends the ``autodfp`` reconstruction and, with a calibration, sets the refit's ridge:
-:func:`autodfp.calibration.ridge_for`). Layers not listed are left whole. ``calibration``
+:func:`autodfp.calibrate.refit.ridge_for`). Layers not listed are left whole. ``calibration``
 (absent or null: none) says how the pruned model is calibrated on synthetic or user images;
 the images it names are regenerated (or read from the cache) on replay.
 """
@@ -28,13 +28,13 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from autodfp.calibration import CalibrationConfig
+from autodfp.calibrate.refit import CalibrationConfig
 from autodfp.errors import AutoDFPError
 from autodfp.io import atomic_write_text
 from autodfp.models import InputSpec
-from autodfp.quantization import QuantConfig, check_bits
-from autodfp.reconstruction import METHODS, ReconstructionOptions
-from autodfp.selection import CRITERIA
+from autodfp.quantize.weights import QuantConfig, check_bits
+from autodfp.compress.reconstruction import METHODS, ReconstructionOptions
+from autodfp.compress.selection import CRITERIA
 
 FORMAT = "autodfp-strategy/1"
 
@@ -82,7 +82,7 @@ class Strategy:
     quantization: QuantConfig | None = None
     """How layers with ``bits`` are quantized; None: the defaults when any layer has bits."""
     coupled: bool = False
-    """Residual-coupled groups are prunable too (:class:`autodfp.graph.ChannelGraph`)."""
+    """Residual-coupled groups are prunable too (:class:`autodfp.compress.graph.ChannelGraph`)."""
     input: InputSpec | None = None
     """Input size, mean and std where they differ from what the model says of itself
     (:func:`autodfp.models.build_model`); None: the model's own."""

@@ -25,12 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from autodfp.calibration import DEFAULT_CALIBRATION, Calibrator
+from autodfp.calibrate.refit import DEFAULT_CALIBRATION, Calibrator
 from autodfp.data import load_split, reward_split
 from autodfp.io import atomic_write_text
-from autodfp.metrics import accuracy, model_cost
+from autodfp.measure.metrics import accuracy, model_cost
 from autodfp.models import build_model
-from autodfp.pruning import apply_strategy, uniform_strategy
+from autodfp.pipeline import apply_strategy, uniform_strategy
 
 # (label, reconstruct, options, coef)
 RECONSTRUCTIONS = [
@@ -134,7 +134,7 @@ def calibrated_rows(args) -> int:
     import dataclasses
 
     from autodfp.data import to_tensor
-    from autodfp.pruning import load_base
+    from autodfp.pipeline import load_base
 
     keeps = [float(k) for k in args.keeps.split(",")]
     lossless, jpeg = load_split("test-lossless"), load_split("test-jpeg")

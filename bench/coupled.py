@@ -20,11 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> None:
-    from autodfp.costmodel import uniform_keep_for_macs
+    from autodfp.measure.costmodel import uniform_keep_for_macs
     from autodfp.data import load_split, load_user_data
-    from autodfp.graph import ChannelGraph
-    from autodfp.metrics import accuracy, count_macs
-    from autodfp.pruning import apply_strategy, load_base, uniform_strategy
+    from autodfp.compress.graph import ChannelGraph
+    from autodfp.measure.metrics import accuracy, count_macs
+    from autodfp.pipeline import apply_strategy, load_base, uniform_strategy
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="resnet56")

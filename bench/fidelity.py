@@ -2,7 +2,7 @@
 
 Random per-layer strategies (keep ratios uniform in [--low, 1], seeded) of one model are pruned,
 optionally calibrated, and scored twice: top-1 agreement with the unpruned model on held-out
-synthetic images (:mod:`autodfp.fidelity`, no labelled image) and real top-1 accuracy. Prints
+synthetic images (:mod:`autodfp.measure.fidelity`, no labelled image) and real top-1 accuracy. Prints
 each strategy and the Spearman rank correlation, and how many collapsed strategies the warning
 caught.
 
@@ -28,11 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def main() -> None:
     from scipy.stats import spearmanr
 
-    from autodfp.calibration import Calibrator, default_calibration
+    from autodfp.calibrate.refit import Calibrator, default_calibration
     from autodfp.data import load_split, load_user_data
-    from autodfp.fidelity import LOW_AGREEMENT_PERCENT, FidelityProbe
-    from autodfp.metrics import accuracy
-    from autodfp.pruning import apply_strategy, load_base, uniform_strategy
+    from autodfp.measure.fidelity import LOW_AGREEMENT_PERCENT, FidelityProbe
+    from autodfp.measure.metrics import accuracy
+    from autodfp.pipeline import apply_strategy, load_base, uniform_strategy
     from autodfp.strategy import LayerAction
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

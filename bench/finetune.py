@@ -54,8 +54,8 @@ def main() -> None:
     start_folder = work / "data-free"
     rows = []
     if not (start_folder / "report.json").is_file():
-        from autodfp.costmodel import uniform_keep_for_macs
-        from autodfp.metrics import model_cost
+        from autodfp.measure.costmodel import uniform_keep_for_macs
+        from autodfp.measure.metrics import model_cost
         from autodfp.models import build_model
 
         model, spec = build_model(args.model)

@@ -23,12 +23,13 @@ import sys
 import time
 from pathlib import Path
 
-from autodfp.calibration import DEFAULT_CALIBRATION, calibration_images
+from autodfp.calibrate.refit import DEFAULT_CALIBRATION, calibration_images
 from autodfp.data import load_split
 from autodfp.io import atomic_write_text
-from autodfp.metrics import accuracy, model_cost
-from autodfp.pruning import apply_strategy, load_base, uniform_strategy
-from autodfp.quantization import QuantConfig, quantizable_layers, quantize_model
+from autodfp.measure.metrics import accuracy, model_cost
+from autodfp.pipeline import apply_strategy, load_base, uniform_strategy
+from autodfp.measure.metrics import conv_and_linear_layers
+from autodfp.quantize.weights import QuantConfig, quantize_model
 
 SPLIT_LABELS = {"test-lossless": "lossless 1,017", "test-jpeg": "JPEG 10,000"}
 
@@ -71,7 +72,7 @@ def main() -> int:
         rows.append(row)
         _print(row, splits)
         for bits in map(int, args.bits.split(",")):
-            layer_bits = {name: bits for name in quantizable_layers(model)}
+            layer_bits = {name: bits for name in conv_and_linear_layers(model)}
             for method in args.methods.split(","):
                 quantized = copy.deepcopy(model)
                 start = time.perf_counter()

@@ -36,8 +36,8 @@ import numpy as np
 
 from autodfp.data import load_split
 from autodfp.io import atomic_write_text
-from autodfp.metrics import accuracy
-from autodfp.pruning import apply_strategy
+from autodfp.measure.metrics import accuracy
+from autodfp.pipeline import apply_strategy
 from autodfp.strategy import Strategy
 from envs.autodfp_env import AutoDFPEnv
 from envs.baselines import uniform_search
@@ -230,7 +230,7 @@ def main() -> int:
             key = strategy.to_json()
             if key not in known:
                 pruned = apply_strategy(strategy, (copy.deepcopy(env._base_model), env._spec),
-                                        calibrator=env._calibrator)
+                                        calibrator=env.reward.calibrator)
                 known[key] = {t.name: accuracy(pruned.model, t, pruned.spec) for t in tests}
             return known[key]
 

@@ -3,7 +3,7 @@
     python bench/synthetic.py [--model resnet56] [--keeps 0.5,0.4] [--variants a,b] [--out bench/results]
                               [--threads 2]
 
-For each variant of :class:`autodfp.synthetic.SynthConfig`: generation time, then uniform L1
+For each variant of :class:`autodfp.calibrate.synthetic.SynthConfig`: generation time, then uniform L1
 pruning at each keep ratio calibrated by the default refit on those images; accuracy on the
 lossless 1,017 test images. A reference row uses the same count of real training images
 (JPEG, class-stratified) instead. Writes ``synthetic.json`` and ``synthetic.md`` under ``--out``.
@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from autodfp.calibration import DEFAULT_CALIBRATION, Calibrator
+from autodfp.calibrate.refit import DEFAULT_CALIBRATION, Calibrator
 from autodfp.data import load_split, reward_split, to_tensor
 from autodfp.io import atomic_write_text
-from autodfp.metrics import accuracy
-from autodfp.pruning import apply_strategy, load_base, uniform_strategy
-from autodfp.synthetic import synthetic_images
+from autodfp.measure.metrics import accuracy
+from autodfp.pipeline import apply_strategy, load_base, uniform_strategy
+from autodfp.calibrate.synthetic import synthetic_images
 
 BASE = DEFAULT_CALIBRATION.synth
 VARIANTS = {

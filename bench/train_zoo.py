@@ -27,9 +27,9 @@ sys.path.insert(0, str(ROOT))
 
 def train_one(name: str, args) -> dict:
     from autodfp.data import load_split
-    from autodfp.finetune import FinetuneConfig, TrainingImages, train
+    from autodfp.recover.finetune import FinetuneConfig, TrainingImages, train
     from autodfp.io import atomic_writer
-    from autodfp.metrics import accuracy
+    from autodfp.measure.metrics import accuracy
     from autodfp.models import build_model
 
     model, spec = build_model(name, pretrained=False)

@@ -8,7 +8,7 @@
 #
 #   --venv DIR      create DIR with `$PYTHON -m venv` and install into it (default: .venv)
 #   --system        install into $PYTHON itself (the conda Python of the rayproject/ray images)
-#   --extras LIST   comma-separated extras of pyproject.toml (default: test,onnx,imagenet,dashboard;
+#   --extras LIST   comma-separated extras of pyproject.toml (default: search,test,onnx,imagenet,dashboard;
 #                   '' for none)
 #   --editable      pip install -e (default)
 #   --no-editable   a regular install: the package is copied into site-packages
@@ -31,7 +31,7 @@ die() { echo "install.sh: $*" >&2; exit 2; }
 
 mode=venv
 venv=.venv
-extras=test,onnx,imagenet,dashboard
+extras=search,test,onnx,imagenet,dashboard
 editable=1
 dry_run=0
 

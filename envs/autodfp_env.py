@@ -1,6 +1,6 @@
 """The AutoDFP MDP: one episode prunes a model group by group; the reward is accuracy.
 
-- Step ``t`` decides group ``t`` (forward order of :class:`autodfp.graph.ChannelGraph`).
+- Step ``t`` decides group ``t`` (forward order of :class:`autodfp.compress.graph.ChannelGraph`).
 - Action ``Box(2)`` in [0, 1]: ``a[0]`` maps to a keep ratio in ``[keep_lower, 1]``, projected
   (as AMC does) so that the MACs budget stays reachable if every later group is cut to
   ``keep_lower``; ``a[1]`` is the group's reconstruction coefficient.
@@ -16,43 +16,38 @@
   pruned, compensated and calibrated model on the reward split (training images). Identical
   strategies are evaluated once (cache).
 - Calibration (``calibration``, default on): every candidate is calibrated as
-  ``autodfp prune`` calibrates it (:mod:`autodfp.calibration`); the calibration images and the
+  ``autodfp prune`` calibrates it (:mod:`autodfp.calibrate.refit`); the calibration images and the
   unpruned model's targets are made once per env, so an episode costs one calibration forward
   pass more than an uncalibrated one. ``a[1]`` then also sets each group's refit ridge
-  (:func:`autodfp.calibration.ridge_for`).
+  (:func:`autodfp.calibrate.refit.ridge_for`).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import math
-import time
 from dataclasses import dataclass, field
 
 import gymnasium as gym
 import numpy as np
 
-from autodfp.calibration import Calibrator, CalibrationConfig
-from autodfp.costmodel import MacsModel
+from autodfp.calibrate.refit import Calibrator, CalibrationConfig
+from autodfp.calibrate.synthetic import default_config
+from autodfp.compress.graph import ChannelGraph
+from autodfp.compress.similarity import similarity_stats
 from autodfp.data import ImageSet, load_split, load_user_data, reward_split, split_user_data
 from autodfp.errors import AutoDFPError
-from autodfp.graph import ChannelGraph
-from autodfp.metrics import (ResidentImages, accuracy, check_labelled_images,
-                             resident_accuracy)
+from autodfp.measure.budget import (BUDGETS, Budget, BudgetProjector, bits_budget,
+                                    layers_owned_by_groups, macs_budget)
+from autodfp.measure.costmodel import MacsModel
+from autodfp.measure.metrics import FLOAT_BITS, check_labelled_images, conv_and_linear_layers
+from autodfp.measure.report import REPORT_SPLITS
 from autodfp.models import InputSpec
-from autodfp.pruning import (apply_strategy, checkpoint_digest, default_quant_images,
-                             load_base)
-from autodfp.report import REPORT_SPLITS
-from autodfp.quantization import (FLOAT_BITS, QuantConfig, check_bits, layer_macs,
-                                  quantizable_layers, weight_bytes)
+from autodfp.pipeline import checkpoint_digest, default_quant_images, load_base
+from autodfp.quantize.weights import QuantConfig, check_bits
 from autodfp.settings import check_choice, from_mapping
-from autodfp.similarity import similarity_stats
 from autodfp.strategy import LayerAction, Strategy
-from autodfp.synthetic import default_config
-
-
-BUDGETS = ("macs", "weight_bytes", "bitops")
+from envs.reward import RewardEvaluator
 
 
 @dataclass(frozen=True)
@@ -61,7 +56,7 @@ class QuantSearch:
 
     budget: str = "weight_bytes"
     """What ``budget_ratio`` bounds: ``macs``, ``weight_bytes`` (weight storage, see
-    :func:`autodfp.quantization.weight_bytes`) or ``bitops`` (MACs x weight bits x 32)."""
+    :func:`autodfp.quantize.weights.weight_bytes`) or ``bitops`` (MACs x weight bits x 32)."""
     budget_ratio: float = 0.1
     """Largest allowed share of the float model's cost (``macs``: ``macs_budget`` is used)."""
     min_bits: int = 2
@@ -71,7 +66,7 @@ class QuantSearch:
     fixed_bits: int = 8
     """Bits of the conv/linear layers no step decides (e.g. the stem conv and the classifier)."""
     compensate: str = "calibrate"
-    """Quantization compensation (:class:`autodfp.quantization.QuantConfig`)."""
+    """Quantization compensation (:class:`autodfp.quantize.weights.QuantConfig`)."""
 
     def __post_init__(self):
         check_choice(self.budget, BUDGETS, "quantize budget")
@@ -99,7 +94,7 @@ class EnvConfig:
     """Per-channel std on [0, 1] RGB; None: the model's own."""
     coupled: bool = False
     """Also decide residual-coupled groups (the same channels cut from every layer of an add;
-    :class:`autodfp.graph.ChannelGraph`)."""
+    :class:`autodfp.compress.graph.ChannelGraph`)."""
     reward_size: int = 5000
     """Images in the reward split (class-stratified, from the training images; with ``data``,
     a seeded random share of it, the rest being the test images)."""
@@ -121,11 +116,11 @@ class EnvConfig:
     (0.5 -> the keep ratio that spends the remaining budget evenly over the remaining groups),
     so a neutral action is a uniform allocation; ``absolute`` is linear (AMC)."""
     select: str = "l1"
-    """Selection criterion (autodfp.selection)."""
+    """Selection criterion (autodfp.compress.selection)."""
     reconstruct: str = "autodfp"
-    """Reconstruction method (autodfp.reconstruction)."""
+    """Reconstruction method (autodfp.compress.reconstruction)."""
     calibration: dict | None = field(default_factory=dict)
-    """Fields of :class:`autodfp.calibration.CalibrationConfig` ({} = its defaults: refit on
+    """Fields of :class:`autodfp.calibrate.refit.CalibrationConfig` ({} = its defaults: refit on
     256 synthetic images, made by the recipe for the model's input size unless ``synth`` is
     given); None: no calibration (the closed-form compensation alone)."""
     device: str = "auto"
@@ -192,16 +187,6 @@ def search_images(config: EnvConfig, spec) -> tuple[ImageSet, list[ImageSet]]:
     return reward, [test]
 
 
-def _resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise AutoDFPError(f"device {device!r} asked for, but no GPU is visible to this process")
-    return device
-
-
 @dataclass
 class EnvAssets:
     """What an env loads before its first episode: the unpruned model, the reward images and
@@ -260,21 +245,22 @@ class AutoDFPEnv(gym.Env):
         assets = assets or EnvAssets.load(self.config)
         self._template = assets.template
         self._base_model, self._spec = assets.model, assets.spec
-        self.device = _resolve_device(self.config.device)  # pruned copies are evaluated there
-        self._images = assets.images
-        self._resident = None
-        if self.device != "cpu":
-            self._resident = ResidentImages(self._images, self._spec, self.device,
-                                            channels_last=self.config.channels_last)
-        self.group_names, self._channels, self._static = self._describe_groups()
-        self._macs = MacsModel.measure(self._base_model, self._spec, coupled=self.config.coupled)
+        graph = ChannelGraph(copy.deepcopy(self._base_model), self._spec.example_input(),
+                             coupled=self.config.coupled)  # traced once per env
+        self.group_names, self._channels, self._static = self._describe_groups(graph)
+        self._owned = layers_owned_by_groups(graph)
+        self._macs = MacsModel.measure(self._base_model, self._spec, graph=graph)
         self.quant = self.config.quant_search()
-        self._constraints = self._budget_constraints()
-        self._check_budget_reachable()
-        self._calibrator = assets.calibrator
-        self._quant_images = assets.quant_images
-        self._cache: dict[str, float] = {}
-        self.last_timing: dict = {}
+        self.projector = BudgetProjector(
+            self._channels, self._budgets(), self._macs, self.config.keep_lower,
+            self.config.action_mode,
+            (self.quant.min_bits, self.quant.max_bits) if self.quant else None)
+        self.projector.check_reachable()
+        self.reward = RewardEvaluator(self._base_model, self._spec, assets.images,
+                                      assets.calibrator, assets.quant_images,
+                                      device=self.config.device,
+                                      channels_last=self.config.channels_last,
+                                      autocast=self.config.autocast)
         self.action_space = gym.spaces.Box(0.0, 1.0, shape=(3 if self.quant else 2,),
                                            dtype=np.float32)
         obs_dim = self._static.shape[1] + (6 if self.quant else 4)
@@ -282,13 +268,10 @@ class AutoDFPEnv(gym.Env):
 
     # -- set-up --------------------------------------------------------------------------
 
-    def _describe_groups(self):
-        model = copy.deepcopy(self._base_model)
-        graph = ChannelGraph(model, self._spec.example_input(), coupled=self.config.coupled)
+    def _describe_groups(self, graph: ChannelGraph):
         names = list(graph.groups)
         if not names:
             raise AutoDFPError(f"{self.config.model} has no prunable channel groups")
-        self._owned = _layers_owned_by_groups(graph)
         channels = np.array([graph.groups[n].channels for n in names])
         max_in = max(g.producer.in_channels for g in graph.groups.values())
         rows = []
@@ -308,54 +291,14 @@ class AutoDFPEnv(gym.Env):
             fields["quantization"] = QuantConfig(compensate=self.config.quant_search().compensate)
         return fields
 
-    def _budget_constraints(self) -> list["_Budget"]:
-        """The MACs budget, and with ``quantize`` the weight-bytes or BitOPs budget, each as
-        ``fixed + sum_i unit[i] * keep_i * (bits_i / 32 if it depends on bits)``."""
-        macs = _Budget("MACs", "macs_budget", self.config.macs_budget, self._macs.fixed,
-                       self._macs.linear, self._macs.base, uses_bits=False, pair=self._macs.pair)
-        if self.quant is None or self.quant.budget == "macs":
-            return [macs]
-        layers = quantizable_layers(self._base_model)
-        owned = {name for names in self._owned for name in names}
-        unowned = [n for n in layers if n not in owned]
-        fixed_share = self.quant.fixed_bits / FLOAT_BITS
-        if self.quant.budget == "weight_bytes":
-            size = {n: 4 * m.weight.numel() for n, m in layers.items()}  # float32 bytes
-            base = float(weight_bytes(self._base_model))
-            unit = np.array([sum(size[n] for n in names) for names in self._owned], dtype=float)
-            # conservative: other parameters and buffers, and one float32 step per output
-            # channel, at their unpruned size; one byte per layer for packing to whole bytes
-            fixed = (base - sum(size.values()) + sum(size[n] * fixed_share for n in unowned)
-                     + sum(4 * m.weight.shape[0] + 1 for m in layers.values()))
-            label = "weight bytes"
-        else:
-            per_layer = layer_macs(self._base_model, self._spec.example_input())
-            per_bit = FLOAT_BITS * FLOAT_BITS  # float weights x float activations
-            base = float(sum(per_layer.values()) * per_bit)
-            unit = np.array([sum(per_layer[n] for n in names) * per_bit
-                             for names in self._owned], dtype=float)
-            fixed = sum(per_layer[n] * per_bit * fixed_share for n in unowned)
-            label = "BitOPs"
-        return [macs, _Budget(label, "quantize budget_ratio", self.quant.budget_ratio, fixed,
-                              unit, base, uses_bits=True)]
-
-    def _lower_channels(self) -> np.ndarray:
-        return np.maximum(1, np.ceil(self.config.keep_lower * self._channels - 1e-9))
-
-    def _min_bits(self) -> int:
-        return self.quant.min_bits if self.quant else FLOAT_BITS
-
-    def _check_budget_reachable(self) -> None:
-        share = self._lower_channels() / self._channels
-        bits = np.full(len(share), self._min_bits())
-        for budget in self._constraints:
-            floor = budget.cost(share, bits)
-            if floor > budget.limit * (1 + 1e-12):
-                at_bits = f" and min_bits={self._min_bits()}" if budget.uses_bits else ""
-                raise AutoDFPError(
-                    f"{budget.label} budget {budget.ratio:.3f} ({budget.setting}) is "
-                    f"unreachable: with every group at keep_lower={self.config.keep_lower}"
-                    f"{at_bits} the model keeps {floor / budget.base:.3f} of its {budget.label}")
+    def _budgets(self) -> list[Budget]:
+        """The MACs budget, and with ``quantize`` the weight-bytes or BitOPs budget."""
+        budgets = [macs_budget(self._macs, self.config.macs_budget)]
+        if self.quant is not None and self.quant.budget != "macs":
+            budgets.append(bits_budget(self.quant.budget, self.quant.budget_ratio,
+                                       self.quant.fixed_bits, self._base_model,
+                                       self._spec.example_input(), self._owned))
+        return budgets
 
     # -- gym API -------------------------------------------------------------------------
 
@@ -371,8 +314,9 @@ class AutoDFPEnv(gym.Env):
     def step(self, action):
         action = np.clip(np.asarray(action, dtype=np.float64), 0.0, 1.0)
         t = self._t
-        self._bits[t] = self._project_bits(action[2]) if self.quant else FLOAT_BITS
-        self._kept[t] = self._project(action[0])
+        if self.quant:
+            self._bits[t] = self.projector.bits(t, action[2], self._kept, self._bits)
+        self._kept[t] = self.projector.keep(t, action[0], self._kept, self._bits)
         self._coefs[t] = action[1]
         self._prev_action = np.array([self._kept[t] / self._channels[t], action[1]])
         if self.quant:
@@ -401,71 +345,13 @@ class AutoDFPEnv(gym.Env):
         later = self._macs.linear[t + 1:].sum() if self._t < len(self.group_names) else 0.0
         dynamic = [removed / self._macs.base, later / self._macs.base, *self._prev_action]
         if self.quant:
-            budget = self._constraints[-1]
+            budget = self.projector.budgets[-1]
             dynamic.append(budget.left(self._t, self._kept / self._channels, self._bits)
                            / budget.base)
         obs = np.concatenate([self._static[t], dynamic])
         return np.clip(obs, 0.0, 1.0).astype(np.float32)
 
     # -- actions, strategy, reward -------------------------------------------------------
-
-    def _most_channels(self, bits: int) -> int:
-        """Most channels group t can keep at ``bits`` with every budget still reachable by
-        cutting every later group to keep_lower at min_bits."""
-        t, channels = self._t, int(self._channels[self._t])
-        share = self._lower_channels() / self._channels
-        share[:t] = self._kept[:t] / self._channels[:t]
-        bits_now = np.full(len(share), self._min_bits())
-        bits_now[:t] = self._bits[:t]
-        most = channels
-        for budget in self._constraints:
-            share[t], bits_now[t] = 0.0, bits
-            room = budget.limit - budget.cost(share, bits_now)
-            unit = budget.slope(t, share, bits_now)
-            if unit > 0:
-                most = min(most, math.floor(room / unit * channels + 1e-9))
-        return most
-
-    def _project_bits(self, a: float) -> int:
-        """Bits for group t: the wish ``a``, lowered until keep_lower fits every budget."""
-        q = self.quant
-        bits = int(math.floor(q.min_bits + a * (q.max_bits - q.min_bits) + 0.5))
-        lower = int(self._lower_channels()[self._t])
-        while bits > q.min_bits and self._most_channels(bits) < lower:
-            bits -= 1
-        return bits
-
-    def _project(self, a: float) -> int:
-        """Kept channels for group t: the wish ``a``, capped so the budget stays reachable."""
-        t, channels = self._t, self._channels[self._t]
-        lower = self._lower_channels()
-        low = self.config.keep_lower
-        if self.config.action_mode == "absolute":
-            wish = low + a * (1.0 - low)
-        else:
-            fair = float(np.clip(self._fair_share(), low, 1.0))
-            wish = low + 2 * a * (fair - low) if a <= 0.5 else fair + (2 * a - 1) * (1 - fair)
-        most = self._most_channels(int(self._bits[t]))
-        wanted = math.floor(wish * channels + 0.5)
-        return int(np.clip(wanted, lower[t], max(lower[t], min(channels, most))))
-
-    def _fair_share(self) -> float:
-        """The uniform share of groups t.. that spends the MACs budget exactly (MACs are
-        quadratic in a share common to those groups: solved from three evaluations)."""
-        t = self._t
-        share = self._kept / self._channels
-
-        def macs_at(x: float) -> float:
-            share[t:] = x
-            return self._macs.macs(share)
-
-        c, half, one = macs_at(0.0), macs_at(0.5), macs_at(1.0)
-        a2 = 2 * (one - 2 * half + c)  # MACs(x) = c + a1 x + a2 x^2
-        a1 = one - c - a2
-        need = self.config.macs_budget * self._macs.base - c
-        if abs(a2) < 1e-9 * max(abs(a1), 1.0):
-            return need / a1 if a1 > 0 else 1.0
-        return (-a1 + math.sqrt(max(a1 * a1 + 4 * a2 * need, 0.0))) / (2 * a2)
 
     def macs_ratio(self) -> float:
         return self._macs_ratio(self._kept)
@@ -486,9 +372,7 @@ class AutoDFPEnv(gym.Env):
         return self._budget_ratio(*self._kept_and_bits(strategy))
 
     def fits_budgets(self, strategy: Strategy) -> bool:
-        kept, bits = self._kept_and_bits(strategy)
-        return all(b.cost(kept / self._channels, bits) <= b.limit * (1 + 1e-12)
-                   for b in self._constraints)
+        return self.projector.fits(*self._kept_and_bits(strategy))
 
     def _kept_and_bits(self, strategy: Strategy) -> tuple[np.ndarray, np.ndarray]:
         actions = [strategy.layers.get(n) for n in self.group_names]
@@ -498,8 +382,7 @@ class AutoDFPEnv(gym.Env):
         return kept, bits
 
     def _budget_ratio(self, kept: np.ndarray, bits: np.ndarray) -> float:
-        budget = self._constraints[-1]
-        return float(budget.cost(kept / self._channels, bits) / budget.base)
+        return self.projector.ratio(self.projector.budgets[-1], kept, bits)
 
     def strategy(self) -> Strategy:
         layers = {name: LayerAction(float(k / c), float(coef))
@@ -510,87 +393,22 @@ class AutoDFPEnv(gym.Env):
 
     def strategy_layer_names(self) -> list[str]:
         """Layer names of this env's strategies, in their order."""
-        return list(quantizable_layers(self._base_model)) if self.quant else list(self.group_names)
+        return list(conv_and_linear_layers(self._base_model)) if self.quant else list(self.group_names)
 
     def with_bits(self, layers: dict[str, LayerAction], bits: list[int]) -> dict:
         """Each group's bits on the layers it owns, ``fixed_bits`` on every other layer."""
         out = {}
         owner = {n: i for i, names in enumerate(self._owned) for n in names}
-        for name in quantizable_layers(self._base_model):
+        for name in conv_and_linear_layers(self._base_model):
             action = layers.get(name, LayerAction(1.0))
             b = bits[owner[name]] if name in owner else self.quant.fixed_bits
             out[name] = LayerAction(action.keep, action.coef, b)
         return out
 
     def evaluate(self, strategy: Strategy) -> float:
-        """Accuracy (fraction) of ``strategy`` on the reward split, cached."""
-        key = strategy.to_json()
-        self.last_timing = {"surgery_s": 0.0, "calibrate_s": 0.0, "eval_s": 0.0, "cached": key in self._cache}
-        if key not in self._cache:
-            start = time.perf_counter()
-            pruned = apply_strategy(strategy, (copy.deepcopy(self._base_model), self._spec),
-                                    calibrator=self._calibrator,
-                                    quant_images=self._quant_images)
-            middle = time.perf_counter()
-            self._cache[key] = self._accuracy(pruned.model) / 100.0
-            self.last_timing.update(surgery_s=middle - start - pruned.calibrate_s,
-                                    calibrate_s=pruned.calibrate_s,
-                                    eval_s=time.perf_counter() - middle)
-        return self._cache[key]
-
-    def _accuracy(self, model) -> float:
-        """Top-1 in percent on the reward set."""
-        if self._resident is not None:
-            return resident_accuracy(model, self._resident, self._spec,
-                                     autocast=self.config.autocast)
-        return accuracy(model, self._images, self._spec)
-
-
-@dataclass(frozen=True)
-class _Budget:
-    """One budget: ``fixed + sum_i unit[i] * share_i * (bits_i / 32 if uses_bits)`` (plus
-    ``share @ pair @ share`` for chained groups' MACs) must stay at most ``ratio * base``."""
-
-    label: str
-    setting: str
-    ratio: float
-    fixed: float
-    unit: np.ndarray
-    base: float
-    uses_bits: bool
-    pair: np.ndarray | None = None
-    """MACs of convs between two groups, ``pair[i, j] * share_i * share_j`` (i < j)."""
+        """The reward of ``strategy`` (:class:`envs.reward.RewardEvaluator`, cached)."""
+        return self.reward(strategy)
 
     @property
-    def limit(self) -> float:
-        return self.ratio * self.base
-
-    def cost(self, share: np.ndarray, bits: np.ndarray) -> float:
-        factor = np.asarray(bits, dtype=float) / FLOAT_BITS if self.uses_bits else 1.0
-        chained = share @ self.pair @ share if self.pair is not None else 0.0
-        return float(self.fixed + (self.unit * share * factor).sum() + chained)
-
-    def slope(self, t: int, share: np.ndarray, bits) -> float:
-        """d cost / d share_t (the cost is linear in each share alone)."""
-        factor = bits[t] / FLOAT_BITS if self.uses_bits else 1.0
-        chained = (self.pair[t] @ share + self.pair[:, t] @ share
-                   if self.pair is not None else 0.0)
-        return float(self.unit[t] * factor + chained)
-
-    def left(self, t: int, share: np.ndarray, bits: np.ndarray) -> float:
-        """Budget not yet spent by the first ``t`` groups (later ones counted at zero)."""
-        share, bits = share.copy(), np.asarray(bits, dtype=float).copy()
-        share[t:] = 0.0
-        return self.limit - self.cost(share, bits)
-
-
-def _layers_owned_by_groups(graph: ChannelGraph) -> list[list[str]]:
-    """Per group (graph order): its producer and the consumers that read only its channels
-    and produce no group of their own; their bits are the group's action."""
-    producers = set(graph.groups)
-    readers: dict[str, int] = {}
-    for group in graph.groups.values():
-        for name in group.consumers:
-            readers[name] = readers.get(name, 0) + 1
-    return [[name, *(c for c in group.consumers if c not in producers and readers[c] == 1)]
-            for name, group in graph.groups.items()]
+    def last_timing(self) -> dict:
+        return self.reward.last_timing

@@ -1,12 +1,32 @@
-"""The ``autodfp`` command: the core commands plus search, resume, export and report."""
+"""The ``autodfp`` command: the core commands (:mod:`launch.commands`, no Ray) plus search,
+sweep, resume, export and report, which need the ``search`` extra."""
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
-from autodfp.cli import (add_core_commands, add_output_arguments, dispatch, new_parser,
-                         whole_number)
+from autodfp.errors import AutoDFPError
+from launch.commands import (add_core_commands, add_output_arguments, dispatch, new_parser,
+                             whole_number)
+
+SEARCH_EXTRA = ("ray", "gymnasium", "yaml", "matplotlib")
+"""Top-level packages of the ``search`` extra."""
+
+
+def needs_search_extra(command):
+    """One ``error:`` line, not a traceback, when the search extra is not installed."""
+    @functools.wraps(command)
+    def run(args) -> int:
+        try:
+            return command(args)
+        except ModuleNotFoundError as exc:
+            if (exc.name or "").split(".")[0] not in SEARCH_EXTRA:
+                raise
+            raise AutoDFPError(f"autodfp {args.command} needs the search extra ({exc.name} is "
+                               "not installed): pip install 'autodfp[search]'") from None
+    return run
 
 
 def add_search_commands(sub) -> dict:
@@ -39,8 +59,9 @@ def add_search_commands(sub) -> dict:
     report.add_argument("--compare", action="store_true",
                         help="also run uniform and random search at the same budget and "
                              "compare on the test images")
-    return {"search": cmd_search, "sweep": cmd_sweep, "resume": cmd_resume,
-            "export": cmd_export, "report": cmd_report}
+    handlers = {"search": cmd_search, "sweep": cmd_sweep, "resume": cmd_resume,
+                "export": cmd_export, "report": cmd_report}
+    return {name: needs_search_extra(command) for name, command in handlers.items()}
 
 
 DASHBOARD_HELP = ("start the Ray dashboard on 127.0.0.1 (embedded Ray only; off by default) "
@@ -164,8 +185,8 @@ def _print_best(run) -> None:
 
 
 def cmd_export(args) -> int:
-    from autodfp.cli import check_out, write_pruned
-    from autodfp.pruning import apply_strategy
+    from launch.commands import check_out, write_pruned
+    from autodfp.pipeline import apply_strategy
     from autodfp.strategy import Strategy
     from launch.search import check_run_dir, load_best, pick_trial
 

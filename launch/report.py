@@ -8,8 +8,8 @@ import json
 import numpy as np
 
 from autodfp.errors import AutoDFPError
-from autodfp.metrics import accuracy
-from autodfp.pruning import apply_strategy
+from autodfp.measure.metrics import accuracy
+from autodfp.pipeline import apply_strategy
 from autodfp.strategy import Strategy
 from launch.search import (check_run_dir, load_best, load_episodes, load_run_config,
                            trial_budgets)

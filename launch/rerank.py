@@ -49,12 +49,12 @@ def top_strategies(run_dir, k: int, trial=None) -> list[tuple[dict, Strategy]]:
 
 def rerank(run_dir, k: int, images: int, trial=None):
     """Score the top ``k`` episodes on ``images`` validation images; returns the chosen
-    episode, its pruned model (:class:`autodfp.pruning.PrunedModel`), and one row per
+    episode, its pruned model (:class:`autodfp.pipeline.PrunedModel`), and one row per
     candidate (episode, reward, validation accuracy)."""
-    from autodfp.calibration import Calibrator
+    from autodfp.calibrate.refit import Calibrator
     from autodfp.data import validation_split
-    from autodfp.metrics import accuracy
-    from autodfp.pruning import apply_strategy, load_base
+    from autodfp.measure.metrics import accuracy
+    from autodfp.pipeline import apply_strategy, load_base
 
     env = load_run_config(run_dir).env_config()
     if env.data is not None:

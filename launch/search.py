@@ -319,7 +319,7 @@ def load_assets(cfg: SearchConfig, budgets: list[float] | None = None):
 
 def _prepare_synthetic_images(env_config) -> None:
     from autodfp.models import build_model
-    from autodfp.synthetic import cache_path, synthetic_images
+    from autodfp.calibrate.synthetic import cache_path, synthetic_images
 
     model, spec = build_model(env_config.model, env_config.checkpoint,
                               input_spec=env_config.input_spec())

@@ -153,7 +153,7 @@ CASES = {
                                  "labels range over 12..12 but resnet20 has 10 outputs", None),
     "ImageNet model on the CIFAR-10 test images": (
         lambda t: ["prune", "--model", "efficientnet_lite1", "--keep", "0.5", "--out", OUT],
-        "efficientnet_lite1 takes 240x240x3; give images for it with --data", None),
+        "efficientnet_lite1 takes 240x240x3; give images for it as data", None),
     "ImageNet model on folders without a class index": (
         lambda t: ["prune", "--model", "efficientnet_lite1", "--keep", "0.5", "--data",
                    _class_tree(t, 3), "--out", OUT],
@@ -279,7 +279,7 @@ CASES = {
 
 def _bits_strategy(tmp: Path, bits: int) -> Path:
     """A 4-bit ResNet-20 strategy with one layer at ``bits``."""
-    from autodfp.pruning import uniform_strategy
+    from autodfp.pipeline import uniform_strategy
 
     data = uniform_strategy("resnet20", 0.5, bits=4).to_dict()
     data["layers"]["layer1.0.conv1"]["bits"] = bits

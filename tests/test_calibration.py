@@ -8,13 +8,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from autodfp.calibration import CalibrationConfig, Calibrator, reestimate_batchnorm, ridge_fit
+from autodfp.calibrate.refit import CalibrationConfig, Calibrator, reestimate_batchnorm, ridge_fit
 from autodfp.data import load_unlabeled, reward_split
 from autodfp.errors import AutoDFPError
-from autodfp.metrics import accuracy
+from autodfp.measure.metrics import accuracy
 from autodfp.models import build_model
-from autodfp.pruning import apply_strategy, load_base, uniform_strategy
-from autodfp.synthetic import SynthConfig, generate, synthetic_images
+from autodfp.pipeline import apply_strategy, load_base, uniform_strategy
+from autodfp.calibrate.synthetic import SynthConfig, generate, synthetic_images
 
 TINY = SynthConfig(count=48, batch_size=48, steps=12)
 CALIB = CalibrationConfig(count=48, synth=TINY)
@@ -65,7 +65,7 @@ def test_synthetic_images_are_read_back_from_the_cache(resnet20, monkeypatch):
     def no_generation(*args, **kwargs):
         raise AssertionError("regenerated instead of reading the cache")
 
-    monkeypatch.setattr("autodfp.synthetic.generate", no_generation)
+    monkeypatch.setattr("autodfp.calibrate.synthetic.generate", no_generation)
     assert torch.equal(first, synthetic_images(model, spec.input_size, config))
     with pytest.raises(AssertionError):  # other weights: another cache entry
         changed = copy.deepcopy(model)
@@ -138,7 +138,7 @@ def test_producer_refit_brings_kept_channels_back_toward_the_unpruned_ones(resne
         images = calibrator.images
         unpruned = output_of(base[0], "layer3.2.bn1", images)
         if not kept:  # the kept channels: the largest-L1 filters, as the strategy selects
-            from autodfp.selection import get_criterion
+            from autodfp.compress.selection import get_criterion
             kept["idx"] = get_criterion("l1").select(base[0].layer3[2].conv1.weight, 32)
         got = output_of(pruned.model, "layer3.2.bn1", images)
         errors[producers] = float((got - unpruned[:, kept["idx"]]).pow(2).mean())

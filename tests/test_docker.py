@@ -29,9 +29,11 @@ needs_bash = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash
 def ray_pin() -> str:
     import tomllib
 
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert not [d for d in project["dependencies"] if d.startswith("ray")]  # an extra only
+    deps = project["optional-dependencies"]["search"]
     pins = [m.group(1) for d in deps if (m := re.fullmatch(r"ray(?:\[[^\]]*\])?==([\w.]+)", d))]
-    assert len(pins) == 1, f"expected one ray==X pin in pyproject.toml, got {deps}"
+    assert len(pins) == 1, f"expected one ray==X pin in the search extra, got {deps}"
     return pins[0]
 
 
@@ -210,7 +212,7 @@ def test_install_dry_run_puts_torch_before_the_package():
     assert torch == [1] and package == [2], lines
     assert lines[1] == "'some venv/bin/pip' install --quiet torch==2.13.0"
     assert shlex.split(lines[2]) == ["some venv/bin/pip", "install", "--quiet", "-e",
-                                     f"{ROOT}[test,onnx,imagenet,dashboard]"]
+                                     f"{ROOT}[search,test,onnx,imagenet,dashboard]"]
 
 
 @needs_bash

@@ -5,9 +5,9 @@ from gymnasium.utils.env_checker import check_env
 
 from autodfp.data import reward_split
 from autodfp.errors import AutoDFPError
-from autodfp.metrics import accuracy, model_cost
+from autodfp.measure.metrics import accuracy, model_cost
 from autodfp.models import build_model
-from autodfp.pruning import apply_strategy
+from autodfp.pipeline import apply_strategy
 from autodfp.strategy import Strategy
 from envs.autodfp_env import AutoDFPEnv
 
@@ -59,7 +59,7 @@ def test_chained_groups_keep_the_budget_by_an_independent_count(model, coupled, 
     residual-coupled groups decided too."""
     import torch
 
-    from autodfp.metrics import count_macs
+    from autodfp.measure.metrics import count_macs
 
     weights, spec = build_model(model, pretrained=False)  # cost needs no trained weights
     torch.save(weights.state_dict(), tmp_path / "random.pt")
@@ -89,7 +89,7 @@ def test_episode_reward_equals_an_independent_evaluation(env):
     assert reward == accuracy(pruned.model, images, pruned.spec) / 100.0
     assert all(layer["coef"] == pytest.approx(0.7) for layer in info["strategy"]["layers"].values())
     again, _ = run_episode(env, np.tile([0.6, 0.7], (9, 1)))
-    assert again == reward and len(env._cache) >= 1
+    assert again == reward and len(env.reward.cache) >= 1
 
 
 def test_rewards_are_zero_until_the_last_step(env):
@@ -193,7 +193,7 @@ def test_images_resident_on_the_device_score_as_the_batched_path():
     """The GPU path (images normalised once, kept on the device; channels-last; autocast),
     run on the CPU: the same accuracy as `accuracy`, image for image."""
     from autodfp.data import load_split
-    from autodfp.metrics import ResidentImages, resident_accuracy
+    from autodfp.measure.metrics import ResidentImages, resident_accuracy
 
     model, spec = build_model("resnet20")
     images = load_split("test-lossless").subset(np.arange(300), "first 300")

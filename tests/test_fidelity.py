@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from autodfp.calibration import _conv_patches, _refittable, default_calibration, sample_positions
+from autodfp.calibrate.refit import _conv_patches, _refittable, default_calibration, sample_positions
 from autodfp.errors import AutoDFPError
-from autodfp.fidelity import LOW_AGREEMENT_PERCENT, estimate
-from autodfp.synthetic import SynthConfig, default_config, generate
+from autodfp.measure.fidelity import LOW_AGREEMENT_PERCENT, estimate
+from autodfp.calibrate.synthetic import SynthConfig, default_config, generate
 from tests.conftest import run_cli
 
 

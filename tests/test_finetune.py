@@ -11,10 +11,10 @@ import torch.nn as nn
 from autodfp.data import load_split
 from autodfp.errors import AutoDFPError
 from autodfp.export import load_pruned
-from autodfp.finetune import FinetuneConfig, TrainingImages, train
+from autodfp.recover.finetune import FinetuneConfig, TrainingImages, train
 from autodfp.models import build_model
-from autodfp.pdp import PDPMasks, SparsityTarget, nm_rows
-from autodfp.reprune import REPruneLoop
+from autodfp.recover.pdp import PDPMasks, SparsityTarget, nm_rows
+from autodfp.recover.reprune import REPruneLoop
 from autodfp.strategy import kept_channels
 from tests.conftest import run_cli
 
@@ -73,14 +73,14 @@ def test_training_lowers_the_loss_on_real_images():
 
 
 def load_pruned_model():
-    from autodfp.pruning import apply_strategy, uniform_strategy
+    from autodfp.pipeline import apply_strategy, uniform_strategy
 
     pruned = apply_strategy(uniform_strategy("resnet20", 0.5))
     return pruned.model, pruned.spec
 
 
 def test_a_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
-    import autodfp.finetune as finetune
+    import autodfp.recover.finetune as finetune
 
     teacher, spec = build_model("resnet20")
     config = FinetuneConfig(epochs=2, batch_size=16, steps_per_epoch=3)
@@ -211,8 +211,8 @@ def test_reprune_schedule_ramps_to_the_target_then_holds():
 
 @pytest.mark.parametrize("args, message", [
     (["--epochs", "0"], "epochs must be at least 1"),
-    (["--method", "reprune"], "needs --keep"),
-    (["--keep", "0.5"], "go with --method pdp or reprune"),
+    (["--method", "reprune"], "method reprune needs keep"),
+    (["--keep", "0.5"], "go with method pdp or reprune"),
     (["--method", "pdp", "--sparsity", "5:4"], "0 < N < M"),
     (["--method", "pdp"], "one target"),
     (["--method", "reprune", "--keep", "1"], "must be in (0, 1)"),

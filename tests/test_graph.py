@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from autodfp.errors import AutoDFPError
-from autodfp.graph import ChannelGraph
+from autodfp.compress.graph import ChannelGraph
 from autodfp.models import build_model
 
 
@@ -77,7 +77,7 @@ def test_coupled_groups_prune_every_member_of_the_add():
 def test_coupled_mean_compensation_is_exact_for_constant_channels(tmp_path):
     """A cut coupled channel whose every producer's BN output is constant (gamma 0) carries
     only its mean: folding the mean into the 1x1 consumers reproduces the unpruned outputs."""
-    from autodfp.pruning import apply_strategy
+    from autodfp.pipeline import apply_strategy
     from autodfp.strategy import LayerAction, Strategy
 
     model, spec = build_model("mobilenetv2", pretrained=False)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from autodfp.errors import AutoDFPError
-from autodfp.metrics import accuracy, model_cost
+from autodfp.measure.metrics import accuracy, model_cost
 from autodfp.models import REGISTRY, build_model
 
 

@@ -8,15 +8,15 @@ import pytest
 import torch
 from gymnasium.utils.env_checker import check_env
 
-from autodfp.calibration import CalibrationConfig
+from autodfp.calibrate.refit import CalibrationConfig
 from autodfp.export import load_pruned, load_quantized, write_model_folder
-from autodfp.metrics import accuracy, model_cost
+from autodfp.measure.metrics import accuracy, conv_and_linear_layers, model_cost
 from autodfp.models import build_model
-from autodfp.pruning import apply_strategy, uniform_strategy
-from autodfp.quantization import (QuantConfig, distinct_values_per_channel, pack_codes,
-                                  quantizable_layers, quantize_weight, unpack_codes)
+from autodfp.pipeline import apply_strategy, uniform_strategy
+from autodfp.quantize.weights import (QuantConfig, distinct_values_per_channel, pack_codes,
+                                     quantize_weight, unpack_codes)
 from autodfp.strategy import LayerAction, Strategy
-from autodfp.synthetic import SynthConfig
+from autodfp.calibrate.synthetic import SynthConfig
 from envs.autodfp_env import AutoDFPEnv
 from tests.conftest import run_cli
 
@@ -53,7 +53,7 @@ def test_bits_in_a_strategy_replay_bit_for_bit_and_survive_json():
     first, second = apply_strategy(strategy), apply_strategy(again)
     for (name, a), b in zip(first.model.state_dict().items(), second.model.state_dict().values()):
         assert torch.equal(a, b), name
-    assert set(first.quantized) == set(quantizable_layers(first.model))
+    assert set(first.quantized) == set(conv_and_linear_layers(first.model))
 
 
 def test_strategies_without_bits_keep_their_json():
@@ -86,8 +86,8 @@ def test_three_bit_calibration_beats_plain_rounding_on_real_images(lossless):
 def test_udfc_scale_matches_a_monte_carlo_estimate_under_its_model():
     """E[h h_q] / E[h_q^2] by quadrature against sampling the model it assumes: isotropic
     inputs through the float and the 3-bit filter, then the BN's Gaussian and a ReLU."""
-    from autodfp.quantization import udfc_scales
-    from autodfp.reconstruction import BNStats
+    from autodfp.quantize.weights import udfc_scales
+    from autodfp.compress.reconstruction import BNStats
 
     model, _ = build_model("resnet20")
     conv, bn = model.layer2[1].conv1, model.layer2[1].bn1
@@ -112,7 +112,7 @@ def test_dfq_bias_correction_moves_the_bn_mean_by_the_expected_shift():
     model, spec = build_model("resnet20")
     plain, corrected = copy.deepcopy(model), copy.deepcopy(model)
     bits = {"layer1.0.conv2": 2}
-    apply = __import__("autodfp.quantization", fromlist=["quantize_model"]).quantize_model
+    apply = __import__("autodfp.quantize.weights", fromlist=["quantize_model"]).quantize_model
     apply(plain, bits, QuantConfig(compensate="none"), spec.example_input())
     apply(corrected, bits, QuantConfig(compensate="dfq"), spec.example_input())
     moved = corrected.layer1[0].bn2.running_mean - plain.layer1[0].bn2.running_mean

@@ -16,10 +16,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from autodfp.calibration import CalibrationConfig
+from autodfp.calibrate.refit import CalibrationConfig
 from autodfp.data import load_unlabeled, load_user_data
 from autodfp.errors import AutoDFPError
-from autodfp.models import get_spec, read_state_dict
+from autodfp.models import get_spec
+from autodfp.models.checkpoint import read_state_dict
 from autodfp.strategy import Strategy
 from launch.config import SearchConfig
 from launch.search import load_best, load_episodes

@@ -3,10 +3,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from autodfp.graph import ChannelGraph
-from autodfp.metrics import accuracy
-from autodfp.pruning import apply_strategy, uniform_strategy
-from autodfp.reconstruction import (BNStats, ReconstructionOptions, reconstruct,
+from autodfp.compress.graph import ChannelGraph
+from autodfp.measure.metrics import accuracy
+from autodfp.pipeline import apply_strategy, uniform_strategy
+from autodfp.compress.reconstruction import (BNStats, ReconstructionOptions, reconstruct,
                                     relu_cross_moments, relu_mean)
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from autodfp.data import reward_split
 from autodfp.export import load_pruned
-from autodfp.metrics import accuracy
+from autodfp.measure.metrics import accuracy
 from tests.conftest import ROOT, kill_at_random_moments, run_cli
 
 CONFIG = """
@@ -176,3 +176,37 @@ def test_every_preset_is_a_valid_search_config(preset):
     config = SearchConfig.load(preset)
     assert config.name == preset and config.episodes > 0
     config.env_config()
+
+
+API_SEARCH = """
+import json, sys, torch
+import autodfp
+from tests.user_models import SmallCNN
+
+result = autodfp.search(
+    SmallCNN(), torch.randn(1, 3, 32, 32), macs=0.6, episodes=4, name="api",
+    storage=sys.argv[1], out=sys.argv[2], warmup_episodes=2, checkpoint_every=1,
+    buffer_capacity=2000,
+    env={"reward_size": 50, "calibration": {"count": 16, "synth": {"steps": 3}}})
+print(json.dumps({"run_dir": result.run_dir, "best": result.best["accuracy"],
+                  "macs": result.pruned.cost.macs}))
+"""
+
+
+def test_search_api_on_a_users_model_object_runs_and_exports(tmp_path):
+    import torch
+
+    import autodfp
+    from tests.user_models import SmallCNN
+
+    done = subprocess.run([sys.executable, "-c", API_SEARCH, str(tmp_path / "runs"),
+                           str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    episodes = (trial_dir(Path(result["run_dir"])) / "episodes.jsonl").read_text().splitlines()
+    assert len(episodes) >= 4
+    base = autodfp.cost(SmallCNN(), torch.randn(1, 3, 32, 32)).macs
+    assert result["macs"] <= 0.6 * base * 1.01
+    exported = autodfp.load(tmp_path / "out")  # SmallCNN rebuilds itself by name
+    assert autodfp.cost(exported.model, torch.randn(1, 3, 32, 32)).macs == result["macs"]

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from autodfp.errors import AutoDFPError
-from autodfp.selection import get_criterion
-from autodfp.similarity import similarity_stats
+from autodfp.compress.selection import get_criterion
+from autodfp.compress.similarity import similarity_stats
 
 
 def distinct_filters(n, fan_in=27, seed=0):
@@ -72,7 +72,7 @@ def test_reprune_keeps_diverse_filters_where_l1_keeps_near_duplicates():
 def test_reprune_selection_runs_in_prune_and_in_the_search_env():
     import numpy as np
 
-    from autodfp.pruning import apply_strategy, uniform_strategy
+    from autodfp.pipeline import apply_strategy, uniform_strategy
     from envs.autodfp_env import AutoDFPEnv
 
     pruned = apply_strategy(uniform_strategy("resnet20", 0.5, select="reprune"))

@@ -5,9 +5,9 @@ import torch
 
 from autodfp.errors import AutoDFPError
 from autodfp.export import load_pruned, write_model_folder
-from autodfp.metrics import accuracy, model_cost
+from autodfp.measure.metrics import accuracy, model_cost
 from autodfp.models import build_model
-from autodfp.pruning import apply_strategy, checkpoint_digest, prunable_groups, uniform_strategy
+from autodfp.pipeline import apply_strategy, checkpoint_digest, prunable_groups, uniform_strategy
 from autodfp.strategy import LayerAction, Strategy
 
 

@@ -64,3 +64,39 @@ def plain_net():
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
     model.input_size = (3, 16, 16)
     return model
+
+
+class SmallCNN(nn.Module):
+    """A user's own CNN (not from the zoo), built without arguments: what ``autodfp.prune``
+    and ``autodfp.search`` take as an object. BN statistics are seeded away from the
+    identity so that synthetic images have something to match."""
+
+    def __init__(self):
+        import torch
+
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1, stride=2, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.classifier = nn.Linear(32, 10)
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, (nn.Conv2d, nn.Linear)):
+                    module.weight.copy_(torch.randn(module.weight.shape, generator=generator)
+                                        * (2.0 / module.weight[0].numel()) ** 0.5)
+                if isinstance(module, nn.BatchNorm2d):
+                    module.running_mean.copy_(torch.rand(module.num_features,
+                                                         generator=generator) - 0.5)
+                    module.running_var.copy_(torch.rand(module.num_features,
+                                                        generator=generator) + 0.5)
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+class NeedsArguments(SmallCNN):
+    def __init__(self, width: int):
+        super().__init__()

@@ -27,6 +27,7 @@ import torch.nn as nn
 from autodfp.data import shared_dir
 from autodfp.errors import AutoDFPError
 from autodfp.models import efficientnet_lite, mobilenetv2_cifar, resnet_cifar, vgg_cifar
+from autodfp.models.checkpoint import first_line, load_checkpoint
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -106,8 +107,8 @@ class ModelSpec:
         if given:
             text += f" (from {', '.join(given)})"
         if assumed:
-            text += (f"; ASSUMED {', '.join(assumed)}: say otherwise with --input-size, --mean,"
-                     " --std or a --model-card")
+            text += (f"; ASSUMED {', '.join(assumed)}: say otherwise with input_size, mean"
+                     " and std, or a model card")
         return text
 
     def default_checkpoint(self) -> Path | None:
@@ -132,6 +133,9 @@ REGISTRY: dict[str, ModelSpec] = {
         ModelSpec("efficientnet_lite1", efficientnet_lite.efficientnet_lite1,
                   mean=efficientnet_lite.LITE_MEAN, std=efficientnet_lite.LITE_STD,
                   input_size=(3, 240, 240), dataset="imagenet", pretrained_factory=True),
+        ModelSpec("efficientnet_lite2", efficientnet_lite.efficientnet_lite2,
+                  mean=efficientnet_lite.LITE_MEAN, std=efficientnet_lite.LITE_STD,
+                  input_size=(3, 260, 260), dataset="imagenet", pretrained_factory=True),
     ]
 }
 
@@ -172,16 +176,16 @@ def build_model(name: str, checkpoint: str | Path | None = None, *, pretrained: 
         model = spec.factory()
     except Exception as exc:  # a user's factory may fail in any way
         raise AutoDFPError(f"model factory {name!r} failed: {type(exc).__name__}: "
-                           f"{_first_line(exc)}") from None
+                           f"{first_line(exc)}") from None
     if not isinstance(model, nn.Module):
         raise AutoDFPError(f"model factory for {name!r} returned {type(model).__name__}, "
                            "not an nn.Module")
-    spec = _resolve_input(spec, model, input_spec)
+    spec = resolve_input(spec, model, input_spec)
     if pretrained and not weights_from_factory(spec, checkpoint):
         path = Path(checkpoint) if checkpoint else spec.default_checkpoint()
         if path is None:
             raise AutoDFPError(
-                f"no pretrained weights ship for {name}; train it and pass --checkpoint")
+                f"no pretrained weights ship for {name}; train it and give its checkpoint")
         load_checkpoint(model, path)
     _check_runs(model.eval(), spec)
     return model, spec
@@ -203,7 +207,7 @@ def weights_sha256(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _resolve_input(spec: ModelSpec, model: nn.Module,
+def resolve_input(spec: ModelSpec, model: nn.Module,
                    given: InputSpec | dict | None) -> ModelSpec:
     if not isinstance(given, InputSpec):
         given = InputSpec.from_dict(given)
@@ -246,57 +250,10 @@ def _check_runs(model: nn.Module, spec: ModelSpec) -> None:
         with torch.no_grad():
             out = model(spec.example_input())
     except Exception as exc:  # shape errors surface as RuntimeError, ValueError, ...
-        raise AutoDFPError(f"{spec.name} does not run on a {size} input ({_first_line(exc)}); "
-                           "give its input size with --input-size C,H,W or a model card") \
+        raise AutoDFPError(f"{spec.name} does not run on a {size} input ({first_line(exc)}); "
+                           "give its input_size C,H,W (or a model card)") \
             from None
     if not isinstance(out, torch.Tensor) or out.ndim != 2:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise AutoDFPError(f"{spec.name} returns {shape} on a {size} input, not (batch, "
                            "classes) logits")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a checkpoint file (``weights_only``), unwrapped from ``state_dict`` and with
-    a ``module.`` (DataParallel) prefix stripped."""
-    path = Path(path)
-    if not path.is_file():
-        raise AutoDFPError(f"checkpoint not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a damaged or foreign file
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise AutoDFPError(f"cannot load checkpoint {path}: {first_line}") from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise AutoDFPError(f"checkpoint {path} holds no state_dict of tensors")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
-
-
-def load_checkpoint(model: nn.Module, path: str | Path) -> None:
-    """Load weights into ``model``, naming the first key that does not fit."""
-    load_state_dict_checked(model, read_state_dict(path), str(path))
-
-
-def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor],
-                            source: str) -> None:
-    expected = model.state_dict()
-    state = dict(state)
-    for key, value in expected.items():
-        if key not in state and key.endswith("num_batches_tracked"):
-            state[key] = value  # checkpoints from before PyTorch 0.4.1 lack this counter
-        if key not in state:
-            raise AutoDFPError(f"checkpoint {source} does not fit the model: missing key {key!r}")
-        if state[key].shape != value.shape:
-            raise AutoDFPError(
-                f"checkpoint {source} does not fit the model: {key!r} has shape "
-                f"{tuple(state[key].shape)}, the model expects {tuple(value.shape)}")
-    for key in state:
-        if key not in expected:
-            raise AutoDFPError(f"checkpoint {source} does not fit the model: unexpected key {key!r}")
-    model.load_state_dict(state, strict=True)

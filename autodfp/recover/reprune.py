@@ -2,7 +2,7 @@
 
 Training runs in two phases. In the first (``1 - hard`` of the steps), every prunable group is
 re-selected ``reselections`` times, evenly spaced, with the kernel-coverage criterion
-(:class:`autodfp.selection.REPruneCoverage`) at a keep share that falls linearly from 1 to the
+(:class:`autodfp.compress.selection.REPruneCoverage`) at a keep share that falls linearly from 1 to the
 target; the channels not selected are switched off by zeroing their BN scaling factor and
 shift. They still get gradients, so a channel switched off can regrow and win its place back at
 the next re-selection. In the second phase the last selection (at the target) is fixed and
@@ -22,9 +22,9 @@ import torch
 import torch.nn as nn
 
 from autodfp.errors import AutoDFPError
-from autodfp.finetune import TrainingMethod
-from autodfp.graph import ChannelGraph
-from autodfp.selection import REPruneCoverage
+from autodfp.recover.method import TrainingMethod
+from autodfp.compress.graph import ChannelGraph
+from autodfp.compress.selection import REPruneCoverage
 from autodfp.strategy import kept_channels
 
 
@@ -32,7 +32,7 @@ class REPruneLoop(TrainingMethod):
     def __init__(self, model: nn.Module, example_input: torch.Tensor, keep: float, *,
                  hard: float = 0.25, reselections: int = 6):
         if not 0.0 < keep < 1.0:
-            raise AutoDFPError(f"--keep must be in (0, 1) for the REPrune loop, got {keep}")
+            raise AutoDFPError(f"keep must be in (0, 1) for the REPrune loop, got {keep}")
         self.keep, self.hard, self.reselections = keep, hard, reselections
         self.graph = ChannelGraph(model, example_input)
         self.groups = {n: g for n, g in self.graph.groups.items() if g.bn is not None}

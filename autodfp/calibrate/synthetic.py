@@ -193,7 +193,7 @@ def generate(model: nn.Module, input_size: tuple[int, ...], config: SynthConfig 
     bns = _bn_layers(model)
     if not bns:
         raise AutoDFPError("the model has no BatchNorm layer with running statistics: "
-                           "synthetic images need them (pass --calib-data instead)")
+                           "synthetic images need them (calibrate on real unlabeled images: calib_data)")
     for p in model.parameters():
         p.requires_grad_(False)
     if config.channels_last:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from autodfp.errors import AutoDFPError
 from autodfp.settings import from_mapping
-from autodfp.synthetic import SynthConfig
+from autodfp.calibrate.synthetic import SynthConfig
 
 ORDERS = ("refit", "bn", "bn+refit", "refit+bn")
 
@@ -114,7 +114,7 @@ def calibration_images(config: CalibrationConfig, model: nn.Module, spec, *,
                        progress: bool = False) -> tuple[torch.Tensor, CalibrationConfig]:
     """The normalised calibration images a config names (synthetic ones from the cache), and
     the config with the digest of user images recorded (checked against a recorded one)."""
-    from autodfp.synthetic import synthetic_images
+    from autodfp.calibrate.synthetic import synthetic_images
 
     if config.images == "synthetic":
         return synthetic_images(model, spec.input_size, config.synth, mean=spec.mean, std=spec.std,
@@ -167,7 +167,7 @@ class Calibrator:
         of ``base_model`` (which is not modified).
         Without ``images``, the config's images are loaded first (bad user data fails before
         any other work) and ``self.config`` records their digest."""
-        from autodfp.graph import ChannelGraph
+        from autodfp.compress.graph import ChannelGraph
 
         model = copy.deepcopy(base_model).eval()
         if images is None:
@@ -396,8 +396,8 @@ DEFAULT_CALIBRATION = CalibrationConfig()
 
 def default_calibration(input_size: tuple[int, ...], **changes) -> CalibrationConfig:
     """The default calibration of a model with this input size (its synthetic images' recipe
-    from :func:`autodfp.synthetic.default_config`), with ``changes`` to its fields."""
-    from autodfp.synthetic import default_config
+    from :func:`autodfp.calibrate.synthetic.default_config`), with ``changes`` to its fields."""
+    from autodfp.calibrate.synthetic import default_config
 
     if "synth" not in changes:
         changes["synth"] = default_config(input_size)

@@ -45,8 +45,8 @@ import torch.nn as nn
 from scipy.special import ndtr
 
 from autodfp.errors import AutoDFPError
-from autodfp.graph import ChannelGroup
-from autodfp.similarity import cosine_similarity_matrix, filter_matrix
+from autodfp.compress.graph import ChannelGroup
+from autodfp.compress.similarity import cosine_similarity_matrix, filter_matrix
 
 METHODS = ("none", "neuron-merging", "udfc", "autodfp")
 

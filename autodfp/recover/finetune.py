@@ -1,6 +1,6 @@
 """Recovery training after the data-free prune, for users who have some data or accept training
-on synthetic images: plain fine-tuning, PDP soft masks (:mod:`autodfp.pdp`) and REPrune's
-progressive loop (:mod:`autodfp.reprune`).
+on synthetic images: plain fine-tuning, PDP soft masks (:mod:`autodfp.recover.pdp`) and REPrune's
+progressive loop (:mod:`autodfp.recover.reprune`).
 
 Losses: cross-entropy on labels, distillation from the unpruned model (KL divergence of the
 softened outputs, Hinton et al.), or both. Optimiser: SGD with Nesterov momentum, a linear
@@ -27,6 +27,9 @@ import torch.nn.functional as F
 from autodfp.data import ImageSet, to_tensor
 from autodfp.errors import AutoDFPError
 from autodfp.models import ModelSpec
+from autodfp.recover.method import TrainingMethod
+from autodfp.recover.pdp import PDPMasks, SparsityTarget
+from autodfp.recover.reprune import REPruneLoop
 
 METHODS = ("plain", "pdp", "reprune")
 LOSSES = ("auto", "ce", "kd", "ce+kd")
@@ -90,11 +93,11 @@ class FinetuneConfig:
             if not (isinstance(value, (int, float)) and low <= value <= high):
                 raise AutoDFPError(f"{name} must be in [{low:g}, {high:g}], got {value!r}")
         if self.method == "plain" and (self.keep is not None or self.sparsity is not None):
-            raise AutoDFPError("--keep and --sparsity go with --method pdp or reprune")
+            raise AutoDFPError("keep and sparsity go with method pdp or reprune")
         if self.keep is not None and not 0.0 < self.keep < 1.0:
-            raise AutoDFPError(f"--keep must be in (0, 1) to prune while training, got {self.keep}")
+            raise AutoDFPError(f"keep must be in (0, 1) to prune while training, got {self.keep}")
         if self.method == "reprune" and (self.keep is None or self.sparsity is not None):
-            raise AutoDFPError("--method reprune needs --keep K (and takes no --sparsity)")
+            raise AutoDFPError("method reprune needs keep (and takes no sparsity)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -144,7 +147,7 @@ def resolve_loss(config: FinetuneConfig, labelled: bool, data: str) -> str:
     if config.loss == "auto":
         return "ce+kd" if labelled else "kd"
     if "ce" in config.loss and not labelled:
-        raise AutoDFPError(f"{data} has no labels: cross-entropy needs them; use --loss kd "
+        raise AutoDFPError(f"{data} has no labels: cross-entropy needs them; use loss kd "
                            "(distillation from the unpruned model)")
     return config.loss
 
@@ -184,37 +187,12 @@ class TrainResult:
     resumed_from_step: int = 0
 
 
-class TrainingMethod:
-    """What a method does around each optimiser step, at the end, and in a checkpoint; the
-    ``plain`` method does nothing (:class:`autodfp.pdp.PDPMasks` and
-    :class:`autodfp.reprune.REPruneLoop` override these)."""
-
-    def before_step(self, step: int, total: int) -> None:
-        pass
-
-    def after_step(self, step: int, total: int) -> None:
-        pass
-
-    def finish(self) -> dict:
-        return {}
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-
 def make_method(config: FinetuneConfig, model: nn.Module, spec: ModelSpec):
     """The masks or loop a method drives during training."""
     if config.method == "pdp":
-        from autodfp.pdp import PDPMasks, SparsityTarget
-
         target = SparsityTarget.parse(config.sparsity, config.keep)
         return PDPMasks(model, spec.example_input(), target, tau=config.tau, ramp=config.ramp)
     if config.method == "reprune":
-        from autodfp.reprune import REPruneLoop
-
         return REPruneLoop(model, spec.example_input(), config.keep)
     return TrainingMethod()
 
@@ -329,14 +307,14 @@ def _resume(path: Path | None, identity: dict, model, optimizer, method, result)
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise AutoDFPError(f"cannot read the finetune checkpoint {path}: "
-                           f"{str(exc).strip().splitlines()[0]}; delete it or pass --restart") \
+                           f"{str(exc).strip().splitlines()[0]}; delete it or restart") \
             from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise AutoDFPError(f"{path} is not an AutoDFP finetune checkpoint; delete it or pass "
-                           "--restart")
+        raise AutoDFPError(f"{path} is not an AutoDFP finetune checkpoint; delete it or "
+                           "restart")
     if state.get("identity") != json.dumps(identity, sort_keys=True):
         raise AutoDFPError(f"the checkpoint {path} belongs to a different finetune (other "
-                           "settings, source or data); pass --restart to start afresh")
+                           "settings, source or data); restart to start afresh")
     try:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -345,7 +323,7 @@ def _resume(path: Path | None, identity: dict, model, optimizer, method, result)
         result.steps = int(state["step"])
     except (KeyError, RuntimeError, ValueError, TypeError) as exc:
         raise AutoDFPError(f"the finetune checkpoint {path} is damaged ({type(exc).__name__}); "
-                           "pass --restart") from None
+                           "restart") from None
     return result.steps
 
 
@@ -360,10 +338,10 @@ def training_images(data: str, teacher: nn.Module, spec: ModelSpec, *,
     """The images ``--data`` names: the CIFAR-10 training JPEGs, synthetic images made from
     the unpruned ``teacher`` (no labels), or a user ImageFolder tree / ``.npz``."""
     from autodfp.data import load_split, load_user_data
-    from autodfp.metrics import check_labelled_images
+    from autodfp.measure.metrics import check_labelled_images
 
     if data == "synthetic":
-        from autodfp.synthetic import default_config, synthetic_images
+        from autodfp.calibrate.synthetic import default_config, synthetic_images
 
         config = dataclasses.replace(default_config(spec.input_size), count=synthetic_count)
         images = synthetic_images(teacher, spec.input_size, config, mean=spec.mean,
@@ -371,8 +349,8 @@ def training_images(data: str, teacher: nn.Module, spec: ModelSpec, *,
         return TrainingImages(f"synthetic-{synthetic_count}", images)
     if data == TRAIN_DATA_CIFAR:
         if spec.dataset != "cifar10":
-            raise AutoDFPError(f"{spec.name} is not a CIFAR-10 model; give --data your own "
-                               "labelled images")
+            raise AutoDFPError(f"{spec.name} is not a CIFAR-10 model; give your own labelled "
+                               "images as data")
         images = load_split("train-jpeg")
     else:
         images = load_user_data(data, input_size=spec.input_size, progress=progress)

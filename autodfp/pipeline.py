@@ -16,14 +16,15 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from autodfp.calibration import DEFAULT_CALIBRATION, Calibrator, calibration_images, ridge_for
+from autodfp.calibrate.refit import DEFAULT_CALIBRATION, Calibrator, calibration_images, ridge_for
 from autodfp.errors import AutoDFPError
-from autodfp.graph import ChannelGraph
+from autodfp.compress.graph import ChannelGraph
 from autodfp.models import (InputSpec, ModelSpec, build_model, get_spec, weights_from_factory,
                             weights_sha256)
-from autodfp.quantization import QuantizedWeight, quantizable_layers, quantize_model
-from autodfp.reconstruction import ReconstructionOptions, reconstruct
-from autodfp.selection import get_criterion
+from autodfp.measure.metrics import conv_and_linear_layers
+from autodfp.quantize.weights import QuantizedWeight, quantize_model
+from autodfp.compress.reconstruction import ReconstructionOptions, reconstruct
+from autodfp.compress.selection import get_criterion
 from autodfp.strategy import LayerAction, Strategy, file_sha256
 
 
@@ -44,6 +45,19 @@ class PrunedModel:
     """Seconds the calibration took (images and targets excluded when a calibrator was given)."""
     quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
     """Integer codes and steps of the quantized layers (their weights are ``codes * scale``)."""
+    base_cost: object | None = None
+    """Cost of the unpruned model (:class:`autodfp.measure.metrics.Cost`), when known."""
+    fidelity: object | None = None
+    """The data-free fidelity estimate (:class:`autodfp.measure.fidelity.Fidelity`), when one
+    was made."""
+
+    @property
+    def cost(self):
+        """MACs, parameters, bytes and BitOPs of the pruned model
+        (:class:`autodfp.measure.metrics.Cost`)."""
+        from autodfp.measure.metrics import model_cost
+
+        return model_cost(self.model, self.spec, self.strategy.layer_bits)
 
 
 def load_base(strategy: Strategy) -> tuple[nn.Module, ModelSpec]:
@@ -93,7 +107,7 @@ def apply_strategy(strategy: Strategy, base: tuple[nn.Module, ModelSpec] | None 
         # made from the unpruned model, like a calibration's (read from the cache after once)
         quant_images = default_quant_images(model, spec, progress=progress)
     graph = ChannelGraph(model, spec.example_input(), coupled=strategy.coupled)
-    layers = quantizable_layers(model)
+    layers = conv_and_linear_layers(model)
     unknown = [name for name, action in strategy.layers.items()
                if name not in graph.groups and (action.keep < 1.0 or name not in layers)]
     if unknown:
@@ -145,20 +159,27 @@ def prunable_groups(model_name: str, checkpoint: str | None = None,
     return {n: g.channels for n, g in graph.groups.items()}
 
 
+def uniform_layers(model: nn.Module, spec: ModelSpec, keep: float, *, coef: float = 1.0,
+                   bits: int | None = None, coupled: bool = False) -> dict[str, LayerAction]:
+    """The same keep ratio for every prunable group of ``model``; with ``bits``, every conv and
+    linear layer quantized to that many bits."""
+    action = LayerAction(keep, coef, bits)
+    graph = ChannelGraph(model, spec.example_input(), coupled=coupled)
+    layers = {name: action for name in graph.groups}
+    if bits is not None:
+        layers = {name: layers.get(name, LayerAction(1.0, coef, bits))
+                  for name in conv_and_linear_layers(model)}
+    return layers
+
+
 def uniform_strategy(model_name: str, keep: float, *, select: str = "l1",
                      reconstruct: str = "neuron-merging", coef: float = 1.0,
                      checkpoint: str | None = None, bits: int | None = None,
                      input_spec: InputSpec | None = None, coupled: bool = False,
                      **option_overrides) -> Strategy:
-    """The same keep ratio for every prunable group; with ``bits``, every conv and linear
-    layer quantized to that many bits."""
-    action = LayerAction(keep, coef, bits)
-    layers = {name: action
-              for name in prunable_groups(model_name, checkpoint, input_spec, coupled)}
-    if bits is not None:
-        model, _ = build_model(model_name, checkpoint, pretrained=False, input_spec=input_spec)
-        layers = {name: layers.get(name, LayerAction(1.0, coef, bits))
-                  for name in quantizable_layers(model)}
+    """:func:`uniform_layers` of a registry model (or ``pkg.module:factory``)."""
+    model, spec = build_model(model_name, checkpoint, pretrained=False, input_spec=input_spec)
+    layers = uniform_layers(model, spec, keep, coef=coef, bits=bits, coupled=coupled)
     return Strategy(model_name, layers, select, reconstruct, checkpoint,
                     checkpoint_digest(model_name, checkpoint),
                     ReconstructionOptions(**option_overrides), input=input_spec,

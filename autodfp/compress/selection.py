@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from autodfp.errors import AutoDFPError
-from autodfp.similarity import cosine_similarity_matrix, dbscan_labels, filter_matrix
+from autodfp.compress.similarity import cosine_similarity_matrix, dbscan_labels, filter_matrix
 
 
 class Criterion:
@@ -45,7 +45,7 @@ class L2Norm(_NormCriterion):
 class DBSCANSimilarity(Criterion):
     """Keep cluster representatives and noise channels; prune the most redundant members.
 
-    DBSCAN (see :mod:`autodfp.similarity`) groups near-parallel filters. Each cluster's
+    DBSCAN (see :mod:`autodfp.compress.similarity`) groups near-parallel filters. Each cluster's
     representative is its member with the largest L1 norm. Pruning order: non-representative
     cluster members first, most similar to their representative first; after those, the
     remaining channels by ascending L1 norm.

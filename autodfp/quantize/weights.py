@@ -45,13 +45,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from autodfp.calibration import sample_positions
+from autodfp.calibrate.refit import sample_positions
 from autodfp.errors import AutoDFPError
+from autodfp.measure.metrics import conv_and_linear_layers
 from autodfp.settings import check_choice, from_mapping
 
 MIN_BITS, MAX_BITS = 2, 8
-FLOAT_BITS = 32
-ACTIVATION_BITS = FLOAT_BITS
 """Activations stay float: BitOPs are counted as MACs x weight bits x 32."""
 COMPENSATIONS = ("none", "udfc", "dfq", "udfc+dfq", "calibrate", "calibrate-bias")
 CLIPS = ("auto", "max", "mse")
@@ -102,11 +101,6 @@ def check_bits(bits, what: str = "bits") -> int:
     return bits
 
 
-def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every conv and linear layer, by module name, in forward-definition order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-
-
 @dataclass
 class QuantizedWeight:
     """Integer codes and a float32 step per output channel: ``weight = codes * scale``."""
@@ -150,7 +144,7 @@ def udfc_scales(weight: torch.Tensor, quantized: QuantizedWeight, bn: nn.Module)
     ``s = E[h h_q] / E[h_q^2]`` with ``h = relu(a)``, ``h_q = relu(a_q)`` under the BN Gaussian
     model (``a ~ N(beta, gamma^2 var / (var + eps))``; isotropic inputs give ``a_q`` the std
     scaled by ``|w_q| / |w|`` and correlation ``cos(w, w_q)`` with ``a``)."""
-    from autodfp.reconstruction import BNStats, relu_cross_moments
+    from autodfp.compress.reconstruction import BNStats, relu_cross_moments
 
     w = weight.detach().double().reshape(weight.shape[0], -1)
     wq = quantized.dequantize().double().reshape(weight.shape[0], -1)
@@ -175,12 +169,12 @@ def quantize_model(model: nn.Module, bits: dict[str, int], config: QuantConfig,
     """Quantize the named layers of ``model`` in place and compensate; returns their codes.
 
     ``images`` (normalised, NCHW) are needed for ``calibrate``; without them it falls back to
-    ``dfq``. ``graph``: the model's :class:`autodfp.graph.ChannelGraph` if the caller has one
+    ``dfq``. ``graph``: the model's :class:`autodfp.compress.graph.ChannelGraph` if the caller has one
     (it is built here otherwise).
     """
-    from autodfp.graph import ChannelGraph
+    from autodfp.compress.graph import ChannelGraph
 
-    layers = quantizable_layers(model)
+    layers = conv_and_linear_layers(model)
     unknown = sorted(set(bits) - set(layers))
     if unknown:
         raise AutoDFPError(f"layer {unknown[0]!r} cannot be quantized (not a conv or linear "
@@ -233,7 +227,7 @@ def _input_means(model: nn.Module, example_input: torch.Tensor,
                  names: list[str]) -> dict[str, torch.Tensor | None]:
     """Expected input of each named layer, per input channel, from the BN that feeds it
     through a ReLU (averaging and reshapes keep the mean); None where no BN does."""
-    from autodfp.reconstruction import BNStats, relu_mean
+    from autodfp.compress.reconstruction import BNStats, relu_mean
 
     model = copy.deepcopy(model).eval()
     bn_of: dict = {}
@@ -310,7 +304,7 @@ def _calibrate(float_model: nn.Module, model: nn.Module, quantized: dict[str, Qu
     generator = torch.Generator().manual_seed(config.seed)
     rows: dict[str, tuple] = {}
     targets: dict[str, torch.Tensor] = {}
-    float_layers = quantizable_layers(float_model)
+    float_layers = conv_and_linear_layers(float_model)
 
     def record(name):
         def hook(module, inputs, output):
@@ -331,7 +325,7 @@ def _calibrate(float_model: nn.Module, model: nn.Module, quantized: dict[str, Qu
         for h in handles:
             h.remove()
 
-    layers = quantizable_layers(model)
+    layers = conv_and_linear_layers(model)
 
     def correct(name):
         def hook(module, inputs, output):
@@ -375,57 +369,6 @@ def _calibrate(float_model: nn.Module, model: nn.Module, quantized: dict[str, Qu
         for h in handles:
             h.remove()
         model.train(was_training)
-
-
-# -- cost -----------------------------------------------------------------------------------
-
-def layer_macs(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
-    """MACs of every conv and linear layer at batch 1."""
-    macs: dict[str, int] = {}
-    handles = []
-    for name, module in quantizable_layers(model).items():
-        def hook(module, inputs, output, name=name):
-            per_output = module.weight[0].numel()  # in/groups x kh x kw, or in_features
-            macs[name] = int(output[0].numel() * per_output)
-        handles.append(module.register_forward_hook(hook))
-    was_training = model.training
-    try:
-        with torch.no_grad():
-            model.eval()(example_input[:1])
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    return macs
-
-
-def weight_bytes(model: nn.Module, bits: dict[str, int] | None = None) -> int:
-    """Bytes to store the model: each quantized layer's weight at its bits (packed) plus a
-    float32 step per output channel; every other parameter and buffer at its own size
-    (``num_batches_tracked`` counters excluded)."""
-    bits = bits or {}
-    layers = quantizable_layers(model)
-    quantized = {id(layers[n].weight) for n in bits if n in layers}
-    total = 0
-    for name, b in bits.items():
-        if name in layers:
-            weight = layers[name].weight
-            total += math.ceil(weight.numel() * b / 8) + 4 * weight.shape[0]
-    for p in model.parameters():
-        if id(p) not in quantized:
-            total += p.numel() * p.element_size()
-    for name, buf in model.named_buffers():
-        if not name.endswith("num_batches_tracked"):
-            total += buf.numel() * buf.element_size()
-    return int(total)
-
-
-def bitops(model: nn.Module, example_input: torch.Tensor, bits: dict[str, int] | None = None
-           ) -> int:
-    """Sum over conv and linear layers of MACs x weight bits x activation bits (32: float)."""
-    bits = bits or {}
-    return int(sum(m * bits.get(n, FLOAT_BITS) * ACTIVATION_BITS
-                   for n, m in layer_macs(model, example_input).items()))
 
 
 def distinct_values_per_channel(weight: torch.Tensor) -> int:

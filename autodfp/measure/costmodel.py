@@ -9,7 +9,7 @@ model are
 with ``s_i`` = kept / channels of group ``i``: a product ``s_i s_j`` wherever a conv consumes
 group ``i`` and produces group ``j`` (VGG, MobileNetV2's expansion convs), linear terms for
 depthwise convs, BNs and convs with one side fixed. The coefficients are measured with the
-same counter as :func:`autodfp.metrics.model_cost` on pruned copies (one per group and one per
+same counter as :func:`autodfp.measure.metrics.model_cost` on pruned copies (one per group and one per
 chained pair), so the model reproduces that counter, not an approximation of it.
 """
 
@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 
 from autodfp.errors import AutoDFPError
-from autodfp.graph import ChannelGraph
-from autodfp.metrics import count_macs
+from autodfp.compress.graph import ChannelGraph
+from autodfp.measure.metrics import count_macs
 from autodfp.models import ModelSpec
 
 
@@ -42,10 +42,13 @@ class MacsModel:
     """MACs of the unpruned model."""
 
     @classmethod
-    def measure(cls, model: nn.Module, spec: ModelSpec, *, coupled: bool = False) -> "MacsModel":
+    def measure(cls, model: nn.Module, spec: ModelSpec, *, coupled: bool = False,
+                graph: ChannelGraph | None = None) -> "MacsModel":
         """Fit the coefficients on pruned copies of ``model`` (weights untouched), over the
-        groups of ``ChannelGraph(model, coupled=coupled)``."""
-        graph = ChannelGraph(copy.deepcopy(model), spec.example_input(), coupled=coupled)
+        groups of ``graph`` (a :class:`ChannelGraph` of ``model`` or of a copy, not pruned;
+        default: a new one with ``coupled``)."""
+        if graph is None:
+            graph = ChannelGraph(copy.deepcopy(model), spec.example_input(), coupled=coupled)
         names = tuple(graph.groups)
         channels = np.array([graph.groups[n].channels for n in names])
         half = np.maximum(1, channels // 2)

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from autodfp.errors import AutoDFPError
-from autodfp.synthetic import SynthConfig, default_config, synthetic_images
+from autodfp.calibrate.synthetic import SynthConfig, default_config, synthetic_images
 
 FIDELITY_IMAGES = 64
 """Held-out synthetic images the estimate uses by default."""
@@ -58,7 +58,7 @@ class Fidelity:
                 f"{self.agreement_percent:.1f} % of {self.images} held-out synthetic images "
                 f"(below {LOW_AGREEMENT_PERCENT:g} %; it predicts {self.classes_predicted} "
                 "distinct class(es)): it has probably lost much of its accuracy; keep more channels "
-                "or calibrate on real unlabeled images (--calib-data)")
+                "or calibrate on real unlabeled images (calib_data)")
 
 
 def fidelity_config(synth: SynthConfig, count: int = FIDELITY_IMAGES) -> SynthConfig:
@@ -88,7 +88,7 @@ class FidelityProbe:
     def make(cls, model: nn.Module, spec, calibration=None, *, count: int = FIDELITY_IMAGES,
              progress: bool = False) -> "FidelityProbe":
         """Held-out images made like ``calibration``'s synthetic images (a
-        :class:`autodfp.calibration.CalibrationConfig`), or, without synthetic calibration
+        :class:`autodfp.calibrate.refit.CalibrationConfig`), or, without synthetic calibration
         images, by the default recipe for the model's input size."""
         synth = (calibration.synth if calibration is not None and calibration.images == "synthetic"
                  else default_config(spec.input_size))

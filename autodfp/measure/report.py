@@ -10,9 +10,9 @@ import torch.nn as nn
 
 from autodfp.data import ImageSet, cache_dir, load_split
 from autodfp.io import atomic_write_text
-from autodfp.metrics import Cost, accuracy, latency_ms, model_cost
+from autodfp.measure.metrics import Cost, accuracy, latency_ms, model_cost
 from autodfp.models import ModelSpec
-from autodfp.pruning import PrunedModel, load_base
+from autodfp.pipeline import PrunedModel, load_base
 
 REPORT_SPLITS = ("test-lossless", "test-jpeg")
 
@@ -122,7 +122,7 @@ def format_report(report: dict) -> str:
     if report.get("finetune"):
         lines += _finetune_lines(report["finetune"], pruned["accuracy"])
     if not pruned["accuracy"]:
-        lines.append("accuracy not measured (--no-eval): no image was read")
+        lines.append("accuracy not measured: no image was read")
     if report.get("excluded"):
         lines.append(f"not pruned: {len(report['excluded'])} group(s), e.g. "
                      f"{next(iter(report['excluded'].items()))[0]}: "

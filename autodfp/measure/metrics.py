@@ -3,6 +3,7 @@ latency."""
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -24,7 +25,7 @@ class Cost:
     params: int
     weight_bytes: int = 0
     """Bytes to store parameters and buffers, quantized layers at their bits
-    (:func:`autodfp.quantization.weight_bytes`)."""
+    (:func:`autodfp.quantize.weights.weight_bytes`)."""
     bitops: int = 0
     """Conv and linear MACs x weight bits x activation bits (activations float: 32)."""
 
@@ -37,10 +38,69 @@ class Cost:
         return {**asdict(self), "flops": self.flops}
 
 
+FLOAT_BITS = 32
+"""Bits of a float32 weight or activation (the unit of BitOPs and of a bits budget)."""
+ACTIVATION_BITS = FLOAT_BITS
+"""Activations stay float."""
+
+
+def conv_and_linear_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every conv and linear layer, by module name, in forward-definition order (the layers
+    whose MACs are counted and whose weights can be quantized)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+
+
+def layer_macs(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
+    """MACs of every conv and linear layer at batch 1."""
+    macs: dict[str, int] = {}
+    handles = []
+    for name, module in conv_and_linear_layers(model).items():
+        def hook(module, inputs, output, name=name):
+            per_output = module.weight[0].numel()  # in/groups x kh x kw, or in_features
+            macs[name] = int(output[0].numel() * per_output)
+        handles.append(module.register_forward_hook(hook))
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(example_input[:1])
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return macs
+
+
+def weight_bytes(model: nn.Module, bits: dict[str, int] | None = None) -> int:
+    """Bytes to store the model: each quantized layer's weight at its bits (packed) plus a
+    float32 step per output channel; every other parameter and buffer at its own size
+    (``num_batches_tracked`` counters excluded)."""
+    bits = bits or {}
+    layers = conv_and_linear_layers(model)
+    quantized = {id(layers[n].weight) for n in bits if n in layers}
+    total = 0
+    for name, b in bits.items():
+        if name in layers:
+            weight = layers[name].weight
+            total += math.ceil(weight.numel() * b / 8) + 4 * weight.shape[0]
+    for p in model.parameters():
+        if id(p) not in quantized:
+            total += p.numel() * p.element_size()
+    for name, buf in model.named_buffers():
+        if not name.endswith("num_batches_tracked"):
+            total += buf.numel() * buf.element_size()
+    return int(total)
+
+
+def bitops(model: nn.Module, example_input: torch.Tensor, bits: dict[str, int] | None = None
+           ) -> int:
+    """Sum over conv and linear layers of MACs x weight bits x activation bits (32: float)."""
+    bits = bits or {}
+    return int(sum(m * bits.get(n, FLOAT_BITS) * ACTIVATION_BITS
+                   for n, m in layer_macs(model, example_input).items()))
+
+
 def model_cost(model: nn.Module, spec: ModelSpec, bits: dict[str, int] | None = None) -> Cost:
     """Cost of ``model``; ``bits``: layer name -> weight bits of its quantized layers."""
-    from autodfp.quantization import bitops, weight_bytes
-
     macs, params = _count_ops_and_params(model, spec.example_input())
     return Cost(int(macs), int(params), weight_bytes(model, bits),
                 bitops(model, spec.example_input(), bits))
@@ -166,7 +226,7 @@ def check_input_size(images: ImageSet, spec: ModelSpec) -> None:
     if images.x.ndim != 4 or images.x.shape[1:] != (height, width, channels):
         got = "x".join(str(d) for d in images.x.shape[1:])
         raise AutoDFPError(f"{images.name}: images are {got} (HxWxC), {spec.name} takes "
-                           f"{height}x{width}x{channels}; give images for it with --data "
+                           f"{height}x{width}x{channels}; give images for it as data "
                            "(an image folder is resized and cropped to fit)")
 
 
@@ -180,8 +240,8 @@ def _check_labels(images: ImageSet, classes: int, spec: ModelSpec) -> None:
         raise AutoDFPError(
             f"{spec.name} has {classes} outputs but {images.name} has {images.num_classes} "
             "classes: an accuracy against labels the model was not trained on means nothing; "
-            "give images of its classes with --data (and --class-index FILE when their folders "
-            "are a subset of its outputs)")
+            "give images of its classes as data (and a class_index when their folders are a "
+            "subset of its outputs)")
     if images.y.min() < 0 or images.y.max() >= classes:
         raise AutoDFPError(f"{images.name}: labels range over {images.y.min()}..{images.y.max()}"
                            f" but {spec.name} has {classes} outputs (0..{classes - 1})")

@@ -168,7 +168,7 @@ class ChannelGraph:
                         f"shortcut): outputs of {len(producers)} layers are added ({listed})")
             if not self.allow_coupled:
                 return (f"residual-coupled: outputs of {len(producers)} layers are added "
-                        f"({listed}); --coupled prunes them together")
+                        f"({listed}); coupled pruning prunes them together")
         if not consumers:
             return "no consumer layer"
         return None

@@ -38,8 +38,8 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from autodfp.errors import AutoDFPError
-from autodfp.finetune import TrainingMethod
-from autodfp.graph import ChannelGraph, is_depthwise
+from autodfp.recover.method import TrainingMethod
+from autodfp.compress.graph import ChannelGraph, is_depthwise
 from autodfp.strategy import kept_channels
 
 DEFAULT_TAU = 0.05
@@ -63,28 +63,28 @@ class SparsityTarget:
     @classmethod
     def parse(cls, sparsity: str | None, keep: float | None) -> "SparsityTarget":
         if (sparsity is None) == (keep is None):
-            raise AutoDFPError("PDP needs one target: --keep K (channels) or --sparsity S "
+            raise AutoDFPError("PDP needs one target: keep K (channels) or sparsity S "
                                "(0 < S < 1 unstructured, or N:M)")
         if keep is not None:
             if not 0.0 < keep < 1.0:
-                raise AutoDFPError(f"--keep must be in (0, 1) for PDP, got {keep}")
+                raise AutoDFPError(f"keep must be in (0, 1) for PDP, got {keep}")
             return cls("channel", share=keep)
         if ":" in sparsity:
             try:
                 n, m = (int(part) for part in sparsity.split(":"))
             except ValueError:
-                raise AutoDFPError(f"--sparsity N:M needs two whole numbers, got {sparsity!r}") \
+                raise AutoDFPError(f"sparsity N:M needs two whole numbers, got {sparsity!r}") \
                     from None
             if not 0 < n < m:
-                raise AutoDFPError(f"--sparsity N:M needs 0 < N < M, got {sparsity!r}")
+                raise AutoDFPError(f"sparsity N:M needs 0 < N < M, got {sparsity!r}")
             return cls("nm", n=n, m=m)
         try:
             share = float(sparsity)
         except ValueError:
-            raise AutoDFPError(f"--sparsity must be a share like 0.8 or a pattern like 2:4, "
+            raise AutoDFPError(f"sparsity must be a share like 0.8 or a pattern like 2:4, "
                                f"got {sparsity!r}") from None
         if not 0.0 < share < 1.0:
-            raise AutoDFPError(f"--sparsity must be in (0, 1), got {share}")
+            raise AutoDFPError(f"sparsity must be in (0, 1), got {share}")
         return cls("unstructured", share=share)
 
     def describe(self) -> str:
@@ -162,7 +162,7 @@ class PDPMasks(TrainingMethod):
         if target.kind == "channel":
             self.graph = ChannelGraph(model, example_input)
             if not self.graph.groups:
-                raise AutoDFPError("this model has no prunable channel group for PDP --keep")
+                raise AutoDFPError("this model has no prunable channel group for PDP keep")
             for group in self.graph.groups.values():
                 self._hooks.append(self._channel_site(group).register_forward_hook(
                     self._channel_hook(group)))

@@ -1,4 +1,6 @@
-"""``autodfp`` command line: prune, eval, synth, models.
+"""The core commands of ``autodfp`` (prune, eval, synth, finetune, models), with the argparse
+types and model cards they share; :mod:`launch.cli` adds the search commands and is the entry
+point.
 
 Every user error ends as one ``error: ...`` line on stderr and exit status 2.
 """
@@ -10,13 +12,13 @@ import sys
 import time
 from pathlib import Path
 
-from autodfp.calibration import DEFAULT_CALIBRATION, ORDERS
+from autodfp.calibrate.refit import DEFAULT_CALIBRATION, ORDERS
 from autodfp.errors import AutoDFPError
-from autodfp.quantization import COMPENSATIONS, MAX_BITS, MIN_BITS, QuantConfig
-from autodfp.fidelity import FIDELITY_IMAGES
-from autodfp.synthetic import SynthConfig
-from autodfp.reconstruction import METHODS
-from autodfp.selection import CRITERIA
+from autodfp.quantize.weights import COMPENSATIONS, MAX_BITS, MIN_BITS, QuantConfig
+from autodfp.measure.fidelity import FIDELITY_IMAGES
+from autodfp.calibrate.synthetic import SynthConfig
+from autodfp.compress.reconstruction import METHODS
+from autodfp.compress.selection import CRITERIA
 
 
 def _fraction(what: str, zero_allowed: bool):
@@ -162,7 +164,7 @@ def add_core_commands(sub) -> dict:
 
 
 def add_finetune_command(sub) -> None:
-    from autodfp.finetune import (LOSSES, METHODS, SYNTHETIC_TRAIN_IMAGES, TRAIN_DATA_CIFAR,
+    from autodfp.recover.finetune import (LOSSES, METHODS, SYNTHETIC_TRAIN_IMAGES, TRAIN_DATA_CIFAR,
                                   FinetuneConfig)
 
     defaults = FinetuneConfig()
@@ -312,8 +314,8 @@ def data_splits(args, model, spec, *, progress: bool = True) -> list:
     """The evaluation images the flags ask for (``--data``, else the CIFAR-10 test splits),
     checked against the model before any long work."""
     from autodfp.data import DEFAULT_CROP_RATIO, load_split, load_user_data
-    from autodfp.metrics import check_labelled_images
-    from autodfp.report import REPORT_SPLITS
+    from autodfp.measure.metrics import check_labelled_images
+    from autodfp.measure.report import REPORT_SPLITS
 
     data = getattr(args, "data", None)
     if data is None:
@@ -362,7 +364,7 @@ def calibration_from_args(args, input_size: tuple[int, ...]):
     input size (its default synthetic images depend on it)."""
     import dataclasses
 
-    from autodfp.calibration import default_calibration
+    from autodfp.calibrate.refit import default_calibration
 
     if args.calib == "none":
         if args.calib_images or args.calib_data or args.synth_steps:
@@ -419,15 +421,9 @@ def dispatch(parser, handlers: dict, argv: list[str] | None) -> int:
         return 130
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The core commands only (no Ray); the ``autodfp`` script is :func:`launch.cli.main`."""
-    parser, sub = new_parser()
-    return dispatch(parser, add_core_commands(sub), argv)
-
-
 def cmd_prune(args) -> int:
-    from autodfp.calibration import Calibrator
-    from autodfp.pruning import apply_strategy, default_quant_images, load_base
+    from autodfp.calibrate.refit import Calibrator
+    from autodfp.pipeline import apply_strategy, default_quant_images, load_base
 
     strategy = _strategy_from_args(args)
     check_out(args.out, args.force)
@@ -465,8 +461,8 @@ def cmd_prune(args) -> int:
 def _fidelity_probe(strategy, model, spec, count: int | None):
     """The held-out images and a copy of the unpruned model, made before the prune changes
     ``model`` in place; None when no estimate is asked for or possible (said why)."""
-    from autodfp.fidelity import FidelityProbe
-    from autodfp.synthetic import has_bn_statistics
+    from autodfp.measure.fidelity import FidelityProbe
+    from autodfp.calibrate.synthetic import has_bn_statistics
 
     count = FIDELITY_IMAGES if count is None else count
     if count == 0:
@@ -491,7 +487,7 @@ def _fidelity_report(probe, pruned_model) -> dict | None:
 def write_pruned(pruned, args, extra_report: dict | None = None, splits=None) -> dict:
     """Evaluate, write ``args.out`` atomically and print the table (prune, export, finetune)."""
     from autodfp.export import write_model_folder
-    from autodfp.report import build_report, format_report
+    from autodfp.measure.report import build_report, format_report
 
     if args.no_eval:
         splits = []
@@ -505,7 +501,7 @@ def write_pruned(pruned, args, extra_report: dict | None = None, splits=None) ->
 
 
 def _strategy_from_args(args):
-    from autodfp.pruning import checkpoint_digest, uniform_strategy
+    from autodfp.pipeline import checkpoint_digest, uniform_strategy
     from autodfp.strategy import Strategy
 
     if args.strategy:
@@ -559,8 +555,8 @@ def _unweighted_model(args):
 
 
 def _uniform_keep_for_macs(args, model, spec) -> float:
-    from autodfp.costmodel import uniform_keep_for_macs
-    from autodfp.metrics import count_macs
+    from autodfp.measure.costmodel import uniform_keep_for_macs
+    from autodfp.measure.metrics import count_macs
 
     keep = uniform_keep_for_macs(model, spec, count_macs(model, spec), args.macs,
                                  coupled=args.coupled)
@@ -581,9 +577,9 @@ def check_out(out: Path, force: bool) -> None:
 
 def cmd_eval(args) -> int:
     from autodfp.export import load_pruned
-    from autodfp.metrics import latency_ms, model_cost
+    from autodfp.measure.metrics import latency_ms, model_cost
     from autodfp.models import build_model
-    from autodfp.report import evaluate_splits
+    from autodfp.measure.report import evaluate_splits
 
     if (args.folder is None) == (args.model is None):
         raise AutoDFPError("give a pruned-model folder or --model NAME (one of them)")
@@ -619,7 +615,7 @@ def cmd_synth(args) -> int:
 
     from autodfp.io import atomic_directory
     from autodfp.models import build_model
-    from autodfp.synthetic import cache_path, default_config, save_grid, synthetic_images
+    from autodfp.calibrate.synthetic import cache_path, default_config, save_grid, synthetic_images
 
     if args.model is None:
         raise AutoDFPError("give --model NAME (or a --model-card naming it)")
@@ -653,14 +649,14 @@ def cmd_synth(args) -> int:
 
 
 def cmd_finetune(args) -> int:
-    from autodfp.finetune import (SYNTHETIC_TRAIN_IMAGES, FinetuneConfig, resolve_loss, train,
+    from autodfp.recover.finetune import (SYNTHETIC_TRAIN_IMAGES, FinetuneConfig, resolve_loss, train,
                                   training_images)
-    from autodfp.costmodel import uniform_keep_for_macs
-    from autodfp.graph import ChannelGraph
-    from autodfp.metrics import model_cost
+    from autodfp.measure.costmodel import uniform_keep_for_macs
+    from autodfp.compress.graph import ChannelGraph
+    from autodfp.measure.metrics import model_cost
     from autodfp.data import load_split
-    from autodfp.pruning import PrunedModel, load_base
-    from autodfp.report import REPORT_SPLITS, evaluate_splits
+    from autodfp.pipeline import PrunedModel, load_base
+    from autodfp.measure.report import REPORT_SPLITS, evaluate_splits
 
     if (args.folder is None) == (args.model is None):
         raise AutoDFPError("give a pruned-model folder or --model NAME (one of them)")
@@ -682,7 +678,7 @@ def cmd_finetune(args) -> int:
                             sparsity=args.sparsity, seed=args.seed)
     resolve_loss(config, args.data != "synthetic", args.data)  # before any long work
     if config.method == "pdp":
-        from autodfp.pdp import SparsityTarget
+        from autodfp.recover.pdp import SparsityTarget
 
         SparsityTarget.parse(config.sparsity, config.keep)  # a bad target fails before any work
     if args.synthetic_images is not None and args.data != "synthetic":
@@ -718,7 +714,7 @@ def cmd_finetune(args) -> int:
 def _finetune_source(args):
     """The model to train, its spec and strategy, a label and a digest that identifies it."""
     from autodfp.export import load_pruned
-    from autodfp.pruning import load_base, uniform_strategy
+    from autodfp.pipeline import load_base, uniform_strategy
     from autodfp.strategy import file_sha256
 
     if args.model is not None:
@@ -752,7 +748,7 @@ def training_device(requested: str | None) -> str:
 
 def cmd_models(args) -> int:
     from autodfp.models import REGISTRY
-    from autodfp.pruning import prunable_groups
+    from autodfp.pipeline import prunable_groups
 
     print(f"{'model':12s} {'weights':34s} prunable groups")
     for name, spec in REGISTRY.items():
@@ -766,6 +762,3 @@ def cmd_models(args) -> int:
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
-
-if __name__ == "__main__":
-    sys.exit(main())
