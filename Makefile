@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # A short SAC search on an embedded local Ray, its export, and SAC against uniform and random
-# search at the same budget (about 10 minutes on 2 cores).
+# search at the same budget (21 minutes on 2 cores, measured; see the README).
 demo: $(STAMP)
 	rm -rf out/runs/demo
 	$(BIN)/autodfp search resnet20-quick --name demo --storage out/runs
@@ -29,7 +29,7 @@ demo-prune: $(STAMP)
 		--out out/demo-resnet56 --force
 
 # The shipped calibrated SAC strategy: ResNet-56 at <= 50 % of the MACs, rebuilt from the
-# weights alone (synthetic images are made on first use, about 3 minutes, then cached).
+# weights alone (its 512 synthetic images are made on first use, 6-13 minutes, then cached).
 demo-calibrated: $(STAMP)
 	$(BIN)/autodfp prune --strategy examples/resnet56-sac-calibrated-macs0.5.json \
 		--out out/demo-calibrated --force

@@ -88,8 +88,9 @@ def checkpoint_digest(model_name: str, checkpoint: str | None) -> str | None:
 def apply_strategy(strategy: Strategy, base: tuple[nn.Module, ModelSpec] | None = None, *,
                    calibrator: Calibrator | None = None, quant_images=None,
                    progress: bool = False) -> PrunedModel:
-    """Prune ``base`` (or a freshly loaded model) in place according to ``strategy``, then
-    calibrate and quantize it if the strategy says so. ``calibrator`` (made for the same
+    """Prune ``base`` (or a freshly loaded model) in place according to ``strategy`` in three
+    steps: :func:`cut_channels`, :func:`calibrate` and quantize (each when the strategy says
+    so). ``calibrator`` (made for the same
     unpruned model and the strategy's calibration) saves recomputing the calibration images and
     targets; ``quant_images`` (the default synthetic images of the unpruned model) saves
     reading them for a ``calibrate`` quantization without a calibration."""
@@ -107,13 +108,43 @@ def apply_strategy(strategy: Strategy, base: tuple[nn.Module, ModelSpec] | None 
         # made from the unpruned model, like a calibration's (read from the cache after once)
         quant_images = default_quant_images(model, spec, progress=progress)
     graph = ChannelGraph(model, spec.example_input(), coupled=strategy.coupled)
-    layers = conv_and_linear_layers(model)
+    cut = cut_channels(strategy, graph)
+    refitted, seconds = [], 0.0
+    if strategy.calibration is not None:
+        start = time.perf_counter()
+        refitted = calibrate(strategy, calibrator, model, cut)
+        seconds = time.perf_counter() - start
+    quantized = {}
+    if strategy.layer_bits:
+        quantized = quantize_model(model, strategy.layer_bits, strategy.quant_config(),
+                                   spec.example_input(), quant_images, graph)
+    return PrunedModel(model, spec, strategy,
+                       {n: g.channels for n, g in graph.groups.items()}, cut.compensated,
+                       {g.name: g.reason for g in graph.excluded}, refitted, seconds, quantized)
+
+
+@dataclass
+class Cut:
+    """What :func:`cut_channels` did, as the calibration needs it."""
+
+    compensated: list[str] = field(default_factory=list)
+    """Groups whose pruned channels were folded into their consumers."""
+    kept_outputs: dict[str, list[int]] = field(default_factory=dict)
+    """Producer layer -> indices of the output channels it kept."""
+    coefs: dict[str, list[float]] = field(default_factory=dict)
+    """Layer -> reconstruction coefficients of the groups it produces or consumes."""
+
+
+def cut_channels(strategy: Strategy, graph: ChannelGraph) -> Cut:
+    """Step 1: per group in forward order, select the kept channels, compensate for the
+    others (the strategy's reconstruction) and remove them from the model in place."""
+    layers = conv_and_linear_layers(graph.model)
     unknown = [name for name, action in strategy.layers.items()
                if name not in graph.groups and (action.keep < 1.0 or name not in layers)]
     if unknown:
         graph.group(unknown[0])  # raises with the reason
     criterion = get_criterion(strategy.select)
-    compensated, kept_outputs, ridges = [], {}, {}
+    cut = Cut()
     for name, group in graph.groups.items():
         action = strategy.layers.get(name)
         if action is None:
@@ -123,26 +154,22 @@ def apply_strategy(strategy: Strategy, base: tuple[nn.Module, ModelSpec] | None 
             continue
         keep = criterion.select(group.selection_weight(), n_keep)
         if reconstruct(strategy.reconstruct, group, keep, action.coef, strategy.options):
-            compensated.append(name)
+            cut.compensated.append(name)
         for producer in group.coupled or [name]:
-            kept_outputs[producer] = sorted(keep.tolist())
+            cut.kept_outputs[producer] = sorted(keep.tolist())
         for layer in (*(group.coupled or [name]), *group.consumers):
-            ridges.setdefault(layer, []).append(action.coef)
+            cut.coefs.setdefault(layer, []).append(action.coef)
         graph.prune(name, keep)
-    refitted, seconds = [], 0.0
-    if strategy.calibration is not None:
-        start = time.perf_counter()
-        refit = {name: ridge_for(strategy.calibration, sum(coefs) / len(coefs))
-                 for name, coefs in ridges.items()}
-        refitted = calibrator.calibrate(model, refit, kept_outputs)
-        seconds = time.perf_counter() - start
-    quantized = {}
-    if strategy.layer_bits:
-        quantized = quantize_model(model, strategy.layer_bits, strategy.quant_config(),
-                                   spec.example_input(), quant_images, graph)
-    return PrunedModel(model, spec, strategy,
-                       {n: g.channels for n, g in graph.groups.items()}, compensated,
-                       {g.name: g.reason for g in graph.excluded}, refitted, seconds, quantized)
+    return cut
+
+
+def calibrate(strategy: Strategy, calibrator: Calibrator, model: nn.Module, cut: Cut
+              ) -> list[str]:
+    """Step 2: refit the layers the cut touched (ridge from their groups' mean coefficient)
+    and re-estimate BN statistics, as the strategy's calibration says; the layers refitted."""
+    refit = {name: ridge_for(strategy.calibration, sum(coefs) / len(coefs))
+             for name, coefs in cut.coefs.items()}
+    return calibrator.calibrate(model, refit, cut.kept_outputs)
 
 
 def default_quant_images(model: nn.Module, spec: ModelSpec, *, progress: bool = False):
