@@ -12,9 +12,11 @@
   (the other conv/linear layers stay at ``fixed_bits``); the budget is on ``macs``,
   ``weight_bytes`` or ``bitops`` (:class:`QuantSearch`), every budget projected as above (bits
   first, then the keep ratio); the observation gains the previous bits and the budget left.
-- Reward: 0 on every step but the last, which gets the top-1 accuracy (a fraction) of the
-  pruned, compensated and calibrated model on the reward split (training images). Identical
-  strategies are evaluated once (cache).
+- Reward (:mod:`envs.reward`): 0 on every step but the last, which gets the top-1 accuracy (a
+  fraction) of the pruned, compensated and calibrated model on the reward split (training
+  images), or with ``reward: synthetic`` its top-1 agreement with the unpruned model on
+  held-out synthetic images (no labelled image is read). Identical strategies are evaluated
+  once (cache).
 - Calibration (``calibration``, default on): every candidate is calibrated as
   ``autodfp prune`` calibrates it (:mod:`autodfp.calibrate.refit`); the calibration images and the
   unpruned model's targets are made once per env, so an episode costs one calibration forward
@@ -40,6 +42,7 @@ from autodfp.errors import AutoDFPError
 from autodfp.measure.budget import (BUDGETS, Budget, BudgetProjector, bits_budget,
                                     layers_owned_by_groups, macs_budget)
 from autodfp.measure.costmodel import MacsModel
+from autodfp.measure.fidelity import agreement_set
 from autodfp.measure.metrics import FLOAT_BITS, check_labelled_images, conv_and_linear_layers
 from autodfp.measure.report import REPORT_SPLITS
 from autodfp.models import InputSpec
@@ -48,6 +51,8 @@ from autodfp.quantize.weights import QuantConfig, check_bits
 from autodfp.settings import check_choice, from_mapping
 from autodfp.strategy import LayerAction, Strategy
 from envs.reward import RewardEvaluator
+
+REWARDS = ("labelled", "synthetic")
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,13 @@ class EnvConfig:
     coupled: bool = False
     """Also decide residual-coupled groups (the same channels cut from every layer of an add;
     :class:`autodfp.compress.graph.ChannelGraph`)."""
+    reward: str = "labelled"
+    """``labelled``: top-1 accuracy on ``reward_size`` labelled training images (CIFAR-10's,
+    or from ``data``). ``synthetic``: top-1 agreement with the unpruned model on
+    ``synthetic_reward_images`` held-out synthetic images (:func:`autodfp.measure.fidelity.
+    agreement_set`), so a search needs the weights alone."""
+    synthetic_reward_images: int = 256
+    """Synthetic images of a ``synthetic`` reward (made once, then cached)."""
     reward_size: int = 5000
     """Images in the reward split (class-stratified, from the training images; with ``data``,
     a seeded random share of it, the rest being the test images)."""
@@ -147,6 +159,7 @@ class EnvConfig:
         config.calibration_config()  # validates
         config.input_spec()
         config.quant_search()
+        check_choice(config.reward, REWARDS, "reward")
         if config.action_mode not in ("fair-share", "absolute"):
             raise AutoDFPError(f"action_mode must be 'fair-share' or 'absolute', "
                                f"got {config.action_mode!r}")
@@ -211,8 +224,14 @@ class EnvAssets:
                             input=config.input_spec(), coupled=config.coupled)
         model, spec = load_base(template)
         template.calibration = config.calibration_config(spec.input_size)
-        images = search_images(config, spec)[0]
-        check_labelled_images(images, model, spec)  # before any search
+        if config.reward == "synthetic":
+            synth = (template.calibration.synth if template.calibration is not None
+                     and template.calibration.images == "synthetic"
+                     else default_config(spec.input_size))
+            images = agreement_set(model, spec, synth, config.synthetic_reward_images)
+        else:
+            images = search_images(config, spec)[0]
+            check_labelled_images(images, model, spec)  # before any search
         calibrator = None
         if template.calibration is not None:
             calibrator = Calibrator.for_model(model, spec, template.calibration,

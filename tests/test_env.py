@@ -205,3 +205,27 @@ def test_images_resident_on_the_device_score_as_the_batched_path():
     low_precision = resident_accuracy(model, ResidentImages(images, spec, "cpu"), spec,
                                       autocast=True)  # bfloat16 on a CPU
     assert abs(low_precision - expected) <= 2.0 and expected > 85
+
+
+def test_synthetic_reward_is_agreement_with_the_unpruned_model_and_reads_no_labelled_image(
+        monkeypatch):
+    import envs.autodfp_env as env_module
+    from autodfp.strategy import LayerAction
+
+    def no_labelled_images(*args, **kwargs):
+        raise AssertionError("a synthetic reward read labelled images")
+
+    for name in ("search_images", "check_labelled_images", "load_split", "reward_split",
+                 "load_user_data"):
+        monkeypatch.setattr(env_module, name, no_labelled_images)
+    env = AutoDFPEnv({"model": "resnet20", "reward": "synthetic", "synthetic_reward_images": 32,
+                      "calibration": None, "macs_budget": 0.9})
+    whole = env.strategy_fields()
+    assert env.evaluate(Strategy(**whole, layers={})) == 1.0  # agrees with itself everywhere
+    cut = {n: LayerAction(0.2) for n in env.group_names}
+    assert env.evaluate(Strategy(**whole, layers=cut)) < 0.5
+
+
+def test_an_unknown_reward_is_one_error():
+    with pytest.raises(AutoDFPError, match="reward must be one of labelled, synthetic"):
+        AutoDFPEnv({"model": "resnet20", "reward": "vibes"})

@@ -28,6 +28,9 @@ LOW_AGREEMENT_PERCENT = 25.0
 uncalibrated strategies, ``bench/fidelity.py``) every strategy below it had lost at least 31
 points of accuracy, and none above it had collapsed; see docs/calibration.md."""
 SEED_OFFSET = 1
+REWARD_SEED_OFFSET = 2
+"""A search's synthetic reward images use the calibration seed + 2: never the refit's images
+(seed + 0) nor the fidelity estimate's (seed + 1)."""
 """The held-out images' seed is the calibration images' seed plus this: other noise, other
 jitter, never the refit's images."""
 
@@ -74,6 +77,35 @@ def fidelity_images(model: nn.Module, spec, synth: SynthConfig, *,
     """The held-out synthetic images of the unpruned ``model`` (cached like any synthetic set)."""
     return synthetic_images(model, spec.input_size, fidelity_config(synth, count),
                             mean=spec.mean, std=spec.std, progress=progress)
+
+
+def agreement_set(model: nn.Module, spec, synth: SynthConfig, count: int, *,
+                  progress: bool = False):
+    """``count`` synthetic images of ``model`` (seed + :data:`REWARD_SEED_OFFSET`) as 8-bit
+    images labelled with ``model``'s own top-1 class on them: an
+    :class:`autodfp.data.ImageSet` on which a pruned model's accuracy (a percent) is its
+    top-1 agreement with ``model``. No labelled image is read."""
+    from autodfp.data import ImageSet, to_tensor
+
+    if not isinstance(count, int) or isinstance(count, bool) or count <= 0:
+        raise AutoDFPError(f"synthetic reward image count must be a positive integer, "
+                           f"got {count!r}")
+    config = dataclasses.replace(synth, count=count, seed=synth.seed + REWARD_SEED_OFFSET)
+    images = synthetic_images(model, spec.input_size, config, mean=spec.mean, std=spec.std,
+                              progress=progress)
+    mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std).view(1, -1, 1, 1)
+    pixels = ((images * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
+    x = pixels.permute(0, 2, 3, 1).contiguous().numpy()
+    labels = []
+    was = model.training
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(x), 64):  # labelled on the 8-bit images the reward reads
+            batch = to_tensor(x[start:start + 64], spec.mean, spec.std)
+            labels.append(model(batch).argmax(1))
+    model.train(was)
+    return ImageSet(f"synthetic-agreement-{count}", x, torch.cat(labels).numpy(), None)
 
 
 class FidelityProbe:
