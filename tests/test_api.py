@@ -62,22 +62,7 @@ SCRIPT = textwrap.dedent("""
         def forward(self, x):
             return self.body(x)
 
-    def hand_macs(model, x):   # conv and linear MACs, counted without autodfp
-        total = 0
-        def hook(module, inputs, output):
-            nonlocal total
-            if isinstance(module, nn.Conv2d):
-                kh, kw = module.kernel_size
-                total += output[0].numel() * module.in_channels // module.groups * kh * kw
-            else:
-                total += module.in_features * module.out_features
-        handles = [m.register_forward_hook(hook) for m in model.modules()
-                   if isinstance(m, (nn.Conv2d, nn.Linear))]
-        with torch.no_grad():
-            model.eval()(x)
-        for handle in handles:
-            handle.remove()
-        return total
+    from tests.test_api import independent_macs as hand_macs   # counted without autodfp
 
     model = MyNet().eval()
     x = torch.randn(1, 3, 32, 32)
