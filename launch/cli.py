@@ -88,7 +88,12 @@ def _budget_list(text: str) -> list[float]:
     import argparse
 
     from autodfp.errors import AutoDFPError
-    from launch.config import check_budget
+
+    try:
+        from launch.config import check_budget
+    except ModuleNotFoundError as exc:
+        raise argparse.ArgumentTypeError(f"autodfp sweep needs the search extra ({exc.name} is "
+                                         "not installed): pip install 'autodfp[search]'") from None
 
     try:
         budgets = [check_budget(float(b)) for b in text.split(",") if b.strip()]
