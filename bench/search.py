@@ -5,7 +5,7 @@
                            [--save-best examples/NAME.json]
     python bench/search.py --mixed-precision --episodes 150 --reward-size 500 --runners ""
     python bench/search.py --throughput-only --runners 1,2,4,8 --gpus-per-runner 0.125 \
-                           [--autocast] [--channels-last]          # on a GPU machine
+                           [--autocast]          # on a GPU machine
 
 1. A SAC search (or an existing run folder, ``--run``), random search with as many episodes,
    and the best uniform strategy, all in the same env (same budget, reward set and, by
@@ -14,6 +14,9 @@
    and the JPEG 10,000 test images (never used for the reward).
 3. Episodes per second with 0 (in-process), 1 and 2 env runners, and the share of wall time the
    env spends in surgery + calibration + evaluation (the rest is RLlib and Tune overhead).
+   ``--throughput-only`` first prints the env's speed levers side by side (:data:`LEVERS`, each
+   row adding one, in-process, on the same seeded strategies): episodes/s, the evaluation's
+   share of this CPU's float32 matmul rate, and how much each lever changed the rewards.
 
 Writes ``bench/results/search.json`` (``search-uncalibrated.json`` with ``--no-calibration``,
 ``search-mixed.json`` with ``--mixed-precision``: ResNet-20, pruning + per-layer bits under a
@@ -125,6 +128,79 @@ def autocast_check(env_config: dict, strategies: int = 6, seed: int = 0) -> dict
             "max_abs_diff_points": max(abs(a - b) for a, b in pairs)}
 
 
+LEVERS = [
+    ("previous settings: batch 500, NCHW, BN unfolded, every image",
+     {"eval_batch_size": 500, "channels_last": False, "fold_batchnorm": False, "race_images": 0}),
+    ("+ batch 128", {"channels_last": False, "fold_batchnorm": False, "race_images": 0}),
+    ("+ channels-last", {"fold_batchnorm": False, "race_images": 0}),
+    ("+ BatchNorm folded", {"race_images": 0}),
+    ("+ racing (250 images first, top 10): the defaults", {}),
+    ("+ bfloat16 autocast (option)", {"autocast": True}),
+]
+"""In-process env levers, each row adding one to the row above (``--throughput-only``)."""
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """This process's float32 matmul rate (GFLOP/s) at its torch thread count."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return repeats * 2 * size ** 3 / (time.perf_counter() - start) / 1e9
+
+
+def lever_rows(base_env: dict, episodes: int, seed: int = 3) -> list[dict]:
+    """Each lever of :data:`LEVERS` in-process (no RLlib), on the same seeded random
+    strategies: episodes/s, where the time went, the evaluation's share of the matmul rate,
+    and the largest reward difference from the first row on the candidates both scored in
+    full."""
+    rate = matmul_gflops()
+    rows, reference = [], None
+    for label, changes in LEVERS:
+        env = AutoDFPEnv({**base_env, **changes})
+        rng = np.random.default_rng(seed)
+        rewards, timings, flop = [], [], 0.0
+        start = time.perf_counter()
+        for _ in range(episodes):
+            env.reset()
+            done = False
+            while not done:
+                _, reward, done, _, info = env.step(rng.random(env.action_space.shape[0]))
+            rewards.append(reward)
+            timings.append(info["timing"])
+            flop += 2 * env._macs.macs_of_kept(env._kept) * info["timing"]["scored_images"]
+        wall = time.perf_counter() - start
+        full = [t["scored_images"] == len(env.reward.resident) for t in timings]
+        reference = reference or (rewards, full)
+        diffs = [abs(a - b) * 100 for a, b, f, g in zip(rewards, reference[0], full, reference[1])
+                 if f and g]
+        eval_s = sum(t["eval_s"] for t in timings)
+        rows.append({"lever": label, "episodes_per_s": episodes / wall,
+                     **{f"{k}_mean": float(np.mean([t[k] for t in timings]))
+                        for k in ("surgery_s", "calibrate_s", "eval_s")},
+                     "eval_gflops": flop / 1e9 / max(eval_s, 1e-9),
+                     "matmul_gflops": rate, "full_share": float(np.mean(full)),
+                     "max_reward_diff_points": max(diffs) if diffs else float("nan")})
+        print_levers(rows[-1:], header=len(rows) == 1)
+    return rows
+
+
+def print_levers(rows: list[dict], header: bool = True) -> None:
+    if header:
+        print(f"| in-process env (random actions, same strategies) | episodes/s | surgery s/ep | "
+              f"calibration s/ep | eval s/ep | eval GFLOP/s (share of {rows[0]['matmul_gflops']:.0f}"
+              f" matmul) | scored in full | largest reward change (points) |")
+        print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['lever']} | {r['episodes_per_s']:.3f} | {r['surgery_s_mean']:.2f} | "
+              f"{r['calibrate_s_mean']:.2f} | {r['eval_s_mean']:.2f} | {r['eval_gflops']:.0f} "
+              f"({r['eval_gflops'] / r['matmul_gflops']:.0%}) | {r['full_share']:.0%} | "
+              f"{r['max_reward_diff_points']:.2f} |", flush=True)
+
+
 def throughput(runners: int, episodes: int, env_config: dict, storage: Path,
                gpus_per_runner: float = 0.0, cpus_per_runner: float = 1.0) -> dict:
     cfg = SearchConfig(name=f"throughput-{runners}", storage=str(storage), episodes=episodes,
@@ -158,6 +234,8 @@ def main() -> int:
     parser.add_argument("--reward-size", type=int, default=1000)
     parser.add_argument("--runners", default="0,1,2")
     parser.add_argument("--throughput-episodes", type=int, default=30)
+    parser.add_argument("--lever-episodes", type=int, default=30,
+                        help="with --throughput-only: in-process episodes per lever row (0: none)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--throughput-only", action="store_true",
                         help="only the env-runner throughput part")
@@ -167,8 +245,6 @@ def main() -> int:
     parser.add_argument("--autocast", action="store_true",
                         help="evaluate under float16 autocast (first prints its reward "
                              "difference from float32 on the same strategies)")
-    parser.add_argument("--channels-last", action="store_true",
-                        help="evaluate in channels-last layout (off the CPU)")
     parser.add_argument("--no-calibration", action="store_true",
                         help="the closed-form reward of earlier versions (no calibration)")
     parser.add_argument("--save-best", type=Path,
@@ -191,8 +267,10 @@ def main() -> int:
         load_or_run_random(AutoDFPEnv(base_env), args.episodes, args.random_file)
         return 0
     if args.throughput_only:
-        env = {**base_env, "autocast": args.autocast, "channels_last": args.channels_last}
+        env = {**base_env, "autocast": args.autocast}
         report = {}
+        if args.lever_episodes:
+            report["levers"] = lever_rows(base_env, args.lever_episodes)
         if args.autocast:
             report["autocast_check"] = autocast_check(env)
             print(f"autocast vs float32 on {report['autocast_check']['device']}: largest reward "
@@ -201,8 +279,9 @@ def main() -> int:
         speed = [throughput(int(r), args.throughput_episodes, env,
                             Path(tempfile.mkdtemp(prefix="autodfp-bench-")),
                             args.gpus_per_runner, args.cpus_per_runner)
-                 for r in args.runners.split(",")]
-        print_throughput(speed)
+                 for r in args.runners.split(",") if r]
+        if speed:
+            print_throughput(speed)
         layout = ("-gpu" if args.gpus_per_runner else "") + ("-autocast" if args.autocast else "")
         atomic_write_text(args.out / f"search-throughput{suffix}{layout}.json",
                           json.dumps({**report, "rows": speed}, indent=1))

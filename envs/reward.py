@@ -5,12 +5,17 @@ scored once (cache); each call records where its time went (``last_timing``)."""
 from __future__ import annotations
 
 import copy
+import math
 import time
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
 
 from autodfp.calibrate.refit import Calibrator
 from autodfp.data import ImageSet
 from autodfp.errors import AutoDFPError
-from autodfp.measure.metrics import ResidentImages, accuracy, resident_accuracy
+from autodfp.measure.metrics import ResidentImages, fold_batchnorm, resident_correct
 from autodfp.pipeline import apply_strategy
 from autodfp.strategy import Strategy
 
@@ -25,21 +30,54 @@ def resolve_device(device: str) -> str:
     return device
 
 
+RACE_Z = 3.0
+"""Racing stops a candidate when the Wilson upper bound (this many standard deviations) of its
+accuracy on the images scored so far is below the running k-th best full reward."""
+RACE_SEED = 7
+"""Seed of the shuffle that makes every prefix of the reward images a random sample."""
+
+
+@dataclass(frozen=True)
+class Racing:
+    """Multi-fidelity rewards: score ``first_images`` images, and the rest only when the
+    candidate can still reach the ``top_k`` best full rewards seen so far (the noise of the
+    subset counted through :data:`RACE_Z`). A stopped candidate's reward is its accuracy on
+    the subset, an unbiased estimate below the top k; every reward that could be a best is
+    scored on every image."""
+
+    first_images: int = 250
+    top_k: int = 10
+
+
+def wilson_upper(correct: int, total: int, z: float = RACE_Z) -> float:
+    """Upper end of the Wilson score interval of a binomial proportion."""
+    p = correct / total
+    centre = p + z * z / (2 * total)
+    spread = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total))
+    return (centre + spread) / (1 + z * z / total)
+
+
 class RewardEvaluator:
     """Top-1 accuracy (a fraction) of the pruned, compensated and calibrated model on the
-    reward images. Off the CPU the images are normalised once and stay on the device."""
+    reward images, kept resident on the device (normalised once). The pruned copy is scored
+    with its BatchNorms folded (``fold_batchnorm``), in channels-last layout, at the CPU's
+    fastest batch; ``racing`` stops the hopeless early."""
 
     def __init__(self, base_model, spec, images: ImageSet, calibrator: Calibrator | None,
-                 quant_images=None, *, device: str = "auto", channels_last: bool = False,
-                 autocast: bool = False):
+                 quant_images=None, *, device: str = "auto", channels_last: bool = True,
+                 autocast: bool = False, fold_batchnorm: bool = True,
+                 racing: Racing | None = None, batch_size: int | None = None):
         self.base_model, self.spec, self.images = base_model, spec, images
         self.calibrator = calibrator
         self.quant_images = quant_images
         self.device = resolve_device(device)
-        self.autocast = autocast
-        self.resident = (ResidentImages(images, spec, self.device, channels_last=channels_last)
-                         if self.device != "cpu" else None)
+        self.autocast, self.fold, self.batch_size = autocast, fold_batchnorm, batch_size
+        self.racing = racing if racing and racing.first_images < len(images) else None
+        order = np.random.default_rng(RACE_SEED).permutation(len(images)) if self.racing else None
+        self.resident = ResidentImages(images, spec, self.device, channels_last=channels_last,
+                                       order=order)
         self.cache: dict[str, float] = {}
+        self.full_rewards: list[float] = []
         self.last_timing: dict = {}
 
     def __call__(self, strategy: Strategy) -> float:
@@ -51,14 +89,27 @@ class RewardEvaluator:
             pruned = apply_strategy(strategy, (copy.deepcopy(self.base_model), self.spec),
                                     calibrator=self.calibrator, quant_images=self.quant_images)
             middle = time.perf_counter()
-            self.cache[key] = self.accuracy_percent(pruned.model) / 100.0
+            correct, scored = self.score(pruned.model)
+            self.cache[key] = correct / scored
             self.last_timing.update(surgery_s=middle - start - pruned.calibrate_s,
                                     calibrate_s=pruned.calibrate_s,
-                                    eval_s=time.perf_counter() - middle)
+                                    eval_s=time.perf_counter() - middle, scored_images=scored)
         return self.cache[key]
 
-    def accuracy_percent(self, model) -> float:
-        """Top-1 in percent on the reward images."""
-        if self.resident is not None:
-            return resident_accuracy(model, self.resident, self.spec, autocast=self.autocast)
-        return accuracy(model, self.images, self.spec)
+    def score(self, model) -> tuple[int, int]:
+        """(correct, images scored): every image, or the racing subset alone when the
+        candidate cannot reach the top k."""
+        model = fold_batchnorm(model, inplace=True) if self.fold else model
+        count = partial(resident_correct, model, self.resident, self.spec,
+                        autocast=self.autocast, batch_size=self.batch_size)
+        total = len(self.resident)
+        race = self.racing
+        if race is None:
+            return count(), total
+        correct = count(0, race.first_images)
+        best = sorted(self.full_rewards, reverse=True)
+        if len(best) >= race.top_k and wilson_upper(correct, race.first_images) < best[race.top_k - 1]:
+            return correct, race.first_images
+        correct += count(race.first_images, total)
+        self.full_rewards.append(correct / total)
+        return correct, total

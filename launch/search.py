@@ -45,8 +45,9 @@ def build_algorithm_config(cfg: SearchConfig, steps_per_episode: int, cpus_per_r
     from launch.algorithm import ASSETS_KEY, AutoDFPSAC, ObjectStoreEnv, episode_book
 
     # Remote runners get as many torch threads as CPUs reserved for them; the in-process
-    # runner (num_env_runners=0) keeps torch's default and shares the algorithm's process.
-    threads = max(1, int(cpus_per_runner)) if cfg.num_env_runners else 0
+    # runner (num_env_runners=0) shares the algorithm's process and every CPU of its machine
+    # (the trial starts with one thread).
+    threads = max(1, int(cpus_per_runner)) if cfg.num_env_runners else -1
     env_config = {**cfg.env, "torch_threads": threads}
     if assets_ref is not None:
         env_config[ASSETS_KEY] = [assets_ref]  # in a list: Ray passes a nested ref untouched

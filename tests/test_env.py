@@ -229,3 +229,62 @@ def test_synthetic_reward_is_agreement_with_the_unpruned_model_and_reads_no_labe
 def test_an_unknown_reward_is_one_error():
     with pytest.raises(AutoDFPError, match="reward must be one of labelled, synthetic"):
         AutoDFPEnv({"model": "resnet20", "reward": "vibes"})
+
+
+def test_racing_scores_the_hopeless_on_a_subset_and_every_possible_best_in_full():
+    """Multi-fidelity rewards: once top_k full rewards exist, a candidate far below them is
+    scored on the first images alone (its reward that subset's accuracy); a candidate that
+    could be a best is scored on all of them."""
+    env = AutoDFPEnv({**CONFIG, "calibration": None, "reward_size": 300, "race_images": 100,
+                      "race_top_k": 2})
+    good = [run_episode(env, np.tile([0.5, coef], (9, 1))) for coef in (0.5, 0.9)]
+    assert [info["timing"]["scored_images"] for _, info in good] == [300, 300]
+    hopeless, info = run_episode(env, np.zeros((9, 2)))  # keep_lower everywhere
+    assert info["timing"]["scored_images"] == 100
+    assert hopeless < min(reward for reward, _ in good)
+    assert sorted(env.reward.full_rewards) == sorted(reward for reward, _ in good)
+    again, info = run_episode(env, np.tile([0.5, 0.9], (9, 1)))
+    assert info["timing"]["cached"] and again == good[1][0]
+    unraced = AutoDFPEnv({**CONFIG, "calibration": None, "reward_size": 300, "race_images": 0})
+    assert run_episode(unraced, np.tile([0.5, 0.9], (9, 1)))[0] == good[1][0]
+
+
+def test_wilson_upper_bound_covers_the_proportion_and_narrows_with_more_images():
+    from envs.reward import wilson_upper
+
+    assert 0.5 < wilson_upper(50, 100) < wilson_upper(5, 10) <= 1.0
+    assert wilson_upper(0, 100) > 0.0 and wilson_upper(100, 100) == pytest.approx(1.0)
+
+
+def test_folded_batchnorm_scores_as_the_model_and_leaves_no_batchnorm():
+    from autodfp.data import load_split
+    from autodfp.measure.metrics import ResidentImages, fold_batchnorm, resident_correct
+
+    model, spec = build_model("resnet20")
+    images = load_split("test-lossless").subset(np.arange(200), "first 200")
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # a copy
+    resident = ResidentImages(images, spec, "cpu", channels_last=True)
+    assert abs(resident_correct(folded, resident, spec)
+               - accuracy(model, images, spec) * 2) <= 1  # 200 images: percent * 2
+
+
+def test_a_large_reward_set_stays_uint8_and_scores_the_same(monkeypatch):
+    import autodfp.measure.metrics as metrics
+    from autodfp.data import load_split
+
+    model, spec = build_model("resnet20")
+    images = load_split("test-lossless").subset(np.arange(120), "first 120")
+    monkeypatch.setattr(metrics, "RESIDENT_FLOAT_BYTES", 1000)
+    order = np.random.default_rng(0).permutation(120)
+    large = metrics.ResidentImages(images, spec, "cpu", order=order)
+    assert large.x.dtype == torch.uint8
+    assert metrics.resident_accuracy(model, large, spec) == accuracy(model, images, spec)
+
+
+def test_bad_racing_settings_are_one_error():
+    for key, value in (("race_images", -1), ("race_top_k", 0), ("race_images", 2.5),
+                       ("eval_batch_size", -4)):
+        with pytest.raises(AutoDFPError, match=key):
+            AutoDFPEnv({**CONFIG, key: value})
