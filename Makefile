@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # A short SAC search on an embedded local Ray, its export, and SAC against uniform and random
-# search at the same budget (21 minutes on 2 cores, measured; see the README).
+# search at the same budget (under 5 minutes on 2 cores, measured; see the README).
 demo: $(STAMP)
 	rm -rf out/runs/demo
 	$(BIN)/autodfp search resnet20-quick --name demo --storage out/runs

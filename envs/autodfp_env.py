@@ -16,7 +16,8 @@
   fraction) of the pruned, compensated and calibrated model on the reward split (training
   images), or with ``reward: synthetic`` its top-1 agreement with the unpruned model on
   held-out synthetic images (no labelled image is read). Identical strategies are evaluated
-  once (cache).
+  once (cache); racing (``race_images``) scores a candidate that cannot reach the best rewards
+  so far on a seeded subset of the images only.
 - Calibration (``calibration``, default on): every candidate is calibrated as
   ``autodfp prune`` calibrates it (:mod:`autodfp.calibrate.refit`); the calibration images and the
   unpruned model's targets are made once per env, so an episode costs one calibration forward
