@@ -28,7 +28,7 @@ import torch
 from autodfp.calibrate.refit import DEFAULT_CALIBRATION, Calibrator
 from autodfp.data import load_split, reward_split
 from autodfp.io import atomic_write_text
-from autodfp.measure.metrics import accuracy, model_cost
+from autodfp.measure.metrics import accuracy, matmul_gflops, model_cost
 from autodfp.models import build_model
 from autodfp.pipeline import apply_strategy, uniform_strategy
 
@@ -50,15 +50,6 @@ CALIBRATIONS = [
     ("neuron-merging + bn", "neuron-merging", 1.0, "bn"),
     ("neuron-merging + bn+refit", "neuron-merging", 1.0, "bn+refit"),
 ]
-
-
-def matmul_gflops(n: int = 1024, repeats: int = 10) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * n ** 3 * repeats / (time.perf_counter() - start) / 1e9
 
 
 def images_per_second(model, images, spec) -> tuple[float, float]:

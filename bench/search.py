@@ -39,7 +39,7 @@ import numpy as np
 
 from autodfp.data import load_split
 from autodfp.io import atomic_write_text
-from autodfp.measure.metrics import accuracy
+from autodfp.measure.metrics import accuracy, matmul_gflops
 from autodfp.pipeline import apply_strategy
 from autodfp.strategy import Strategy
 from envs.autodfp_env import AutoDFPEnv
@@ -140,24 +140,12 @@ LEVERS = [
 """In-process env levers, each row adding one to the row above (``--throughput-only``)."""
 
 
-def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
-    """This process's float32 matmul rate (GFLOP/s) at its torch thread count."""
-    import torch
-
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return repeats * 2 * size ** 3 / (time.perf_counter() - start) / 1e9
-
-
 def lever_rows(base_env: dict, episodes: int, seed: int = 3) -> list[dict]:
     """Each lever of :data:`LEVERS` in-process (no RLlib), on the same seeded random
     strategies: episodes/s, where the time went, the evaluation's share of the matmul rate,
     and the largest reward difference from the first row on the candidates both scored in
     full."""
-    rate = matmul_gflops()
+    rate = matmul_gflops(2048, 5)
     rows, reference = [], None
     for label, changes in LEVERS:
         env = AutoDFPEnv({**base_env, **changes})

@@ -328,3 +328,14 @@ def latency_ms(model: nn.Module, spec: ModelSpec, batch_size: int, *, repeats: i
         if i >= warmup:
             times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def matmul_gflops(size: int = 1024, repeats: int = 10) -> float:
+    """This process's float32 matmul rate (GFLOP/s) at its torch thread count: the yardstick
+    of the benchmarks' "share of the matmul rate"."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return repeats * 2 * size ** 3 / (time.perf_counter() - start) / 1e9
