@@ -179,11 +179,10 @@ class EnvConfig:
         if not isinstance(config.torch_threads, int) or config.torch_threads < -1:
             raise AutoDFPError(f"torch_threads must be an integer >= -1, got "
                                f"{config.torch_threads!r}")
-        for name in ("race_images", "race_top_k", "eval_batch_size"):
+        for name, least in (("race_images", 0), ("race_top_k", 1), ("eval_batch_size", 0)):
             value = getattr(config, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < (name == "race_top_k"):
-                raise AutoDFPError(f"{name} must be an integer >= {int(name == 'race_top_k')}, "
-                                   f"got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise AutoDFPError(f"{name} must be an integer >= {least}, got {value!r}")
         if config.action_mode not in ("fair-share", "absolute"):
             raise AutoDFPError(f"action_mode must be 'fair-share' or 'absolute', "
                                f"got {config.action_mode!r}")

@@ -67,7 +67,7 @@ class RewardEvaluator:
                  quant_images=None, *, device: str = "auto", channels_last: bool = True,
                  autocast: bool = False, fold_batchnorm: bool = True,
                  racing: Racing | None = None, batch_size: int | None = None):
-        self.base_model, self.spec, self.images = base_model, spec, images
+        self.base_model, self.spec = base_model, spec
         self.calibrator = calibrator
         self.quant_images = quant_images
         self.device = resolve_device(device)

@@ -190,27 +190,22 @@ class ResidentImages:
         index = np.arange(len(images)) if order is None else np.asarray(order)
         x = np.asarray(images.x[:])[index]
         self.labels = np.asarray(images.y)[index]
-        self.mean, self.std = spec.mean, spec.std
+        self.mean, self.std, self.device = spec.mean, spec.std, torch.device(device)
         self.normalised = x.size * 4 <= RESIDENT_FLOAT_BYTES
-        self.x = (to_tensor(x, spec.mean, spec.std) if self.normalised
-                  else torch.from_numpy(np.ascontiguousarray(x))).to(device)
-        if self.normalised and channels_last:
-            self.x = self.x.contiguous(memory_format=torch.channels_last)
-        self.y = torch.as_tensor(self.labels, device=self.x.device)
+        self.x = self._normalise(x) if self.normalised else torch.from_numpy(np.ascontiguousarray(x))
+        self.y = torch.as_tensor(self.labels, device=self.device)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def batch(self, start: int, stop: int) -> torch.Tensor:
-        """Images ``start:stop``, normalised, NCHW (channels-last in memory if asked)."""
-        if self.normalised:
-            return self.x[start:stop]
-        x = self.x[start:stop].permute(0, 3, 1, 2).float().div_(255.0)
-        m = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
-        s = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
-        x = x.sub_(m).div_(s)
-        return (x.contiguous(memory_format=torch.channels_last) if self.channels_last
-                else x.contiguous())
+        """Images ``start:stop``, normalised, NCHW (channels-last in memory if asked), on the
+        device (a uint8 set stays on the host and goes over one batch at a time)."""
+        return self.x[start:stop] if self.normalised else self._normalise(self.x[start:stop].numpy())
+
+    def _normalise(self, x: np.ndarray) -> torch.Tensor:
+        t = to_tensor(x, self.mean, self.std).to(self.device)
+        return t.contiguous(memory_format=torch.channels_last) if self.channels_last else t
 
 
 def cpu_eval_batch_size(spec: ModelSpec) -> int:
@@ -227,7 +222,7 @@ def resident_correct(model: nn.Module, images: ResidentImages, spec: ModelSpec,
     """How many of images ``start:stop`` the model classifies correctly (the model is put on
     the images' device, in eval mode and their memory layout). ``autocast``: float16 on a GPU,
     bfloat16 on a CPU, where the layers allow it."""
-    device = images.x.device
+    device = images.device
     model = model.eval().to(device)
     if images.channels_last:
         model = model.to(memory_format=torch.channels_last)
