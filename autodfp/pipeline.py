@@ -152,7 +152,7 @@ def cut_channels(strategy: Strategy, graph: ChannelGraph) -> Cut:
         n_keep = action.kept_channels(group.channels)
         if n_keep == group.channels:
             continue
-        keep = criterion.select(group.selection_weight(), n_keep)
+        keep = criterion.select_group(group, n_keep)
         if reconstruct(strategy.reconstruct, group, keep, action.coef, strategy.options):
             cut.compensated.append(name)
         for producer in group.coupled or [name]:

@@ -61,6 +61,9 @@ class ChannelGroup:
         default=None, repr=False, compare=False)
     """For a coupled group: finds :meth:`consumer_sources` (forward passes, so on demand)."""
 
+    act: str = "relu"
+    """The activation after ``bn``, as a module shows it (``relu`` when none is seen)."""
+
     def consumer_sources(self) -> dict[str, list[str]]:
         """For a coupled group: which producers' outputs have been added into each consumer's
         input (a block's expansion reads the stream before that block adds its own)."""
@@ -152,7 +155,8 @@ class ChannelGraph:
                 {n: self.following_bn.get(m) for n, m in consumers.items()}, coupled,
                 {n: self.following_bn.get(m) for n, m in coupled.items()},
                 depthwise_bn, self.following_act.get(depthwise_bn, "relu"),
-                partial(self._consumer_sources, coupled, consumers) if coupled else None)
+                partial(self._consumer_sources, coupled, consumers) if coupled else None,
+                act=self.following_act.get(self.following_bn.get(producer), "relu"))
         order = [name for name, _ in self.model.named_modules()]
         self.groups = {n: found[n] for n in sorted(found, key=order.index)}
         self.excluded.sort(key=lambda g: order.index(g.name) if g.name in order else len(order))

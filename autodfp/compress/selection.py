@@ -11,6 +11,8 @@ import numpy as np
 import torch
 
 from autodfp.errors import AutoDFPError
+from autodfp.compress.graph import ChannelGroup
+from autodfp.compress.reconstruction import BNStats, activation_moments
 from autodfp.compress.similarity import cosine_similarity_matrix, dbscan_labels, filter_matrix
 
 
@@ -19,6 +21,10 @@ class Criterion:
 
     def select(self, weight: torch.Tensor, n_keep: int) -> torch.Tensor:
         raise NotImplementedError
+
+    def select_group(self, group: ChannelGroup, n_keep: int) -> torch.Tensor:
+        """What the pipeline calls; criteria that read more than the filters override it."""
+        return self.select(group.selection_weight(), n_keep)
 
 
 class _NormCriterion(Criterion):
@@ -110,6 +116,39 @@ class REPruneCoverage(Criterion):
         return torch.from_numpy(np.sort(np.array(chosen))).long()
 
 
+class Contribution(Criterion):
+    """Data-free, from the BN statistics: keep the channels whose removal would change the
+    consumers' outputs most. A channel's activation under the training statistics is
+    act(N(beta, gamma^2)) of the last BN before the consumers (the depthwise BN in an inverted
+    residual block); its mean is compensated anyway (the reconstruction's shift, the depthwise
+    means), so what is lost is its variance, reaching the consumers through their weights:
+    score = Var[activation] * sum over consumers of ||W[:, c]||^2. A filter's own norm says
+    nothing of this where a BN rescales it, and an expansion's L1 norm never sees the depthwise
+    conv and BN after it. Groups without that BN, and residual-coupled ones, fall back to L1.
+    """
+
+    name = "contribution"
+
+    def select(self, weight: torch.Tensor, n_keep: int) -> torch.Tensor:
+        return L1Norm().select(weight, n_keep)
+
+    def select_group(self, group: ChannelGroup, n_keep: int) -> torch.Tensor:
+        bn, act = ((group.depthwise_bn, group.depthwise_act) if group.depthwise
+                   else (group.bn, group.act))
+        if bn is None or group.coupled:
+            return self.select(group.selection_weight(), n_keep)
+        mu, sd = BNStats.of(bn).activation_gaussian()
+        _, variance = activation_moments(mu, sd, act)
+        reach = sum(_input_energy(consumer.weight) for consumer in group.consumers.values())
+        return _top(variance * reach, n_keep)
+
+
+def _input_energy(weight: torch.Tensor) -> np.ndarray:
+    """Per input channel: the sum of squared weights reading it (every output, every tap)."""
+    w = weight.detach().double()
+    return (w * w).sum(dim=[d for d in range(w.dim()) if d != 1]).numpy()
+
+
 def _top(scores: np.ndarray, n_keep: int) -> torch.Tensor:
     # A stable sort on the negated scores breaks ties by channel index: reproducible.
     order = np.argsort(-scores, kind="stable")[:n_keep]
@@ -117,7 +156,7 @@ def _top(scores: np.ndarray, n_keep: int) -> torch.Tensor:
 
 
 CRITERIA: dict[str, type[Criterion]] = {c.name: c for c in (L1Norm, L2Norm, DBSCANSimilarity,
-                                                             REPruneCoverage)}
+                                                             REPruneCoverage, Contribution)}
 
 
 def get_criterion(name: str) -> Criterion:
