@@ -116,7 +116,7 @@ class REPruneCoverage(Criterion):
         return torch.from_numpy(np.sort(np.array(chosen))).long()
 
 
-class Contribution(Criterion):
+class Contribution(L1Norm):
     """Data-free, from the BN statistics: keep the channels whose removal would change the
     consumers' outputs most. A channel's activation under the training statistics is
     act(N(beta, gamma^2)) of the last BN before the consumers (the depthwise BN in an inverted
@@ -124,13 +124,11 @@ class Contribution(Criterion):
     means), so what is lost is its variance, reaching the consumers through their weights:
     score = Var[activation] * sum over consumers of ||W[:, c]||^2. A filter's own norm says
     nothing of this where a BN rescales it, and an expansion's L1 norm never sees the depthwise
-    conv and BN after it. Groups without that BN, and residual-coupled ones, fall back to L1.
+    conv and BN after it. Groups without that BN, and residual-coupled ones, fall back to L1
+    (``select``, inherited).
     """
 
     name = "contribution"
-
-    def select(self, weight: torch.Tensor, n_keep: int) -> torch.Tensor:
-        return L1Norm().select(weight, n_keep)
 
     def select_group(self, group: ChannelGroup, n_keep: int) -> torch.Tensor:
         bn, act = ((group.depthwise_bn, group.depthwise_act) if group.depthwise
