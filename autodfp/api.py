@@ -29,13 +29,14 @@ import torch
 import torch.nn as nn
 
 from autodfp.calibrate.refit import CalibrationConfig, Calibrator, default_calibration, images_digest
+from autodfp.compress.allocation import ALLOCATIONS, allocate_keeps, default_selection
 from autodfp.compress.graph import ChannelGraph
 from autodfp.errors import AutoDFPError
-from autodfp.measure.metrics import Cost, count_macs, model_cost
+from autodfp.measure.metrics import Cost, model_cost
 from autodfp.models import (INPUT_FIELDS, REGISTRY, InputSpec, ModelSpec, resolve_input,
                             weights_sha256)
 from autodfp.models.checkpoint import load_state_dict_checked
-from autodfp.pipeline import PrunedModel, apply_strategy, uniform_layers
+from autodfp.pipeline import PrunedModel, apply_strategy, group_layers, uniform_layers
 from autodfp.quantize.weights import QuantConfig
 from autodfp.strategy import Strategy
 
@@ -101,23 +102,29 @@ def groups(model: nn.Module, example_inputs: torch.Tensor, *, coupled: bool = Fa
 
 
 def prune(model: nn.Module, example_inputs: torch.Tensor, *, keep: float | None = None,
-          macs: float | None = None, select: str = "l1", reconstruct: str = "neuron-merging",
+          macs: float | None = None, allocation: str | None = None, select: str | None = None,
+          reconstruct: str = "neuron-merging",
           coef: float = 1.0, calibration: str | CalibrationConfig | dict | None = None,
           calib_data: torch.Tensor | str | Path | None = None, bits: int | None = None,
           quant: str | None = None, coupled: bool = False, mean=None, std=None,
           fidelity_images: int = 64, progress: bool = False) -> PrunedModel:
     """Prune a copy of ``model`` without data: the same ``keep`` share of every prunable group,
-    or the largest uniform share at most ``macs`` x the MACs. Then ``calibration`` (None: the
-    closed-form compensation alone; ``"refit"``, ``"bn"``, ``"bn+refit"``, ``"refit+bn"``, a
-    :class:`CalibrationConfig` or its dict) on synthetic images made from the model's BatchNorm
-    statistics, or on ``calib_data`` (unlabeled images: a normalised (N, C, H, W) tensor or a
-    folder / ``.npz`` path). ``bits`` quantizes every conv and linear layer (``quant``: how
+    or per-group shares at most ``macs`` x the MACs (``allocation``: ``"contribution"``, the
+    default, cuts first the channels whose variance costs least per MAC; ``"uniform"``, the
+    largest common share; :mod:`autodfp.compress.allocation`). ``select`` picks the channels
+    (default: ``contribution`` under that allocation, ``l1`` otherwise). Then ``calibration``
+    (None: the closed-form compensation alone; ``"refit"``, ``"bn"``, ``"bn+refit"``,
+    ``"refit+bn"``, a :class:`CalibrationConfig` or its dict) on synthetic images made from
+    the model's BatchNorm statistics, or on ``calib_data`` (unlabeled images: a normalised
+    (N, C, H, W) tensor or a folder / ``.npz`` path). ``bits`` quantizes every conv and linear layer (``quant``: how
     the error is compensated). ``fidelity_images`` held-out synthetic images estimate the
     top-1 agreement with ``model`` (0: none); a low one raises a :class:`UserWarning`."""
     if (keep is None) == (macs is None):
         raise AutoDFPError("give keep or macs (one of them)")
     if macs is not None and not (isinstance(macs, (int, float)) and 0 < macs < 1):
         raise AutoDFPError(f"macs must be a share in (0, 1), got {macs!r}")
+    if allocation is not None and macs is None:
+        raise AutoDFPError("allocation goes with macs (keep is one share for every group)")
     if quant is not None and bits is None:
         raise AutoDFPError("quant needs bits")
     if not isinstance(fidelity_images, int) or fidelity_images < 0:
@@ -126,10 +133,12 @@ def prune(model: nn.Module, example_inputs: torch.Tensor, *, keep: float | None 
     base = copy.deepcopy(model).eval()
     base_cost = model_cost(base, spec)
     if macs is not None:
-        from autodfp.measure.costmodel import uniform_keep_for_macs
-
-        keep = uniform_keep_for_macs(base, spec, count_macs(base, spec), macs, coupled=coupled)
-    layers = uniform_layers(base, spec, keep, coef=coef, bits=bits, coupled=coupled)
+        allocation = allocation or ALLOCATIONS[0]
+        keeps = allocate_keeps(base, spec, macs, allocation=allocation, coupled=coupled)
+        layers = group_layers(keeps, base, coef=coef, bits=bits)
+    else:
+        layers = uniform_layers(base, spec, keep, coef=coef, bits=bits, coupled=coupled)
+    select = select or default_selection(allocation)
     strategy = Strategy(spec.name, layers, select, reconstruct, None, weights_sha256(base),
                         input=InputSpec(spec.input_size, spec.mean, spec.std), coupled=coupled,
                         calibration=_calibration(calibration, calib_data, spec))

@@ -190,9 +190,15 @@ def uniform_layers(model: nn.Module, spec: ModelSpec, keep: float, *, coef: floa
                    bits: int | None = None, coupled: bool = False) -> dict[str, LayerAction]:
     """The same keep ratio for every prunable group of ``model``; with ``bits``, every conv and
     linear layer quantized to that many bits."""
-    action = LayerAction(keep, coef, bits)
     graph = ChannelGraph(model, spec.example_input(), coupled=coupled)
-    layers = {name: action for name in graph.groups}
+    return group_layers({name: keep for name in graph.groups}, model, coef=coef, bits=bits)
+
+
+def group_layers(keeps: dict[str, float], model: nn.Module, *, coef: float = 1.0,
+                 bits: int | None = None) -> dict[str, LayerAction]:
+    """Each prunable group's keep share as its layer action; with ``bits``, every conv and
+    linear layer of ``model`` quantized to that many bits."""
+    layers = {name: LayerAction(keep, coef, bits) for name, keep in keeps.items()}
     if bits is not None:
         layers = {name: layers.get(name, LayerAction(1.0, coef, bits))
                   for name in conv_and_linear_layers(model)}

@@ -16,8 +16,9 @@ from autodfp.calibrate.refit import DEFAULT_CALIBRATION, ORDERS
 from autodfp.errors import AutoDFPError
 from autodfp.quantize.weights import COMPENSATIONS, MAX_BITS, MIN_BITS, QuantConfig
 from autodfp.measure.fidelity import FIDELITY_IMAGES
-from autodfp.calibrate.synthetic import SynthConfig
+from autodfp.calibrate.synthetic import LARGE_INPUT_SIDE, SynthConfig
 from autodfp.compress.reconstruction import METHODS
+from autodfp.compress.allocation import ALLOCATIONS, default_selection
 from autodfp.compress.selection import CRITERIA
 
 
@@ -104,14 +105,21 @@ def add_core_commands(sub) -> dict:
     prune.add_argument("--keep", type=_fraction("keep ratio", zero_allowed=False),
                        help="kept share of every prunable group's channels, in (0, 1]")
     prune.add_argument("--macs", type=_fraction("MACs budget", zero_allowed=False),
-                       help="instead of --keep: the largest uniform keep whose pruned model has "
-                            "at most this share of the MACs (counted, chained groups included)")
+                       help="instead of --keep: per-group keeps whose pruned model has at most "
+                            "this share of the MACs (counted, chained groups included), as "
+                            "--allocate says")
+    prune.add_argument("--allocate", choices=ALLOCATIONS, default=None,
+                       help="with --macs: 'contribution' (default) cuts first the channels "
+                            "whose variance under the BN statistics costs least per MAC; "
+                            "'uniform' takes the largest keep common to every group")
     prune.add_argument("--coupled", action="store_true",
                        help="also prune residual-coupled groups (the same channels from every "
                             "layer whose outputs are added; their mean is folded into the "
                             "consumers)")
     prune.add_argument("--strategy", type=Path, help="strategy.json with per-layer keep ratios")
-    prune.add_argument("--select", choices=sorted(CRITERIA), default="l1")
+    prune.add_argument("--select", choices=sorted(CRITERIA), default=None,
+                       help="which channels of a group to cut (default: contribution under "
+                            "--macs' contribution allocation, whose cuts it prices; else l1)")
     prune.add_argument("--reconstruct", choices=METHODS, default="neuron-merging",
                        help="closed-form compensation, before any calibration (default "
                             "neuron-merging)")
@@ -345,8 +353,9 @@ def say_model(spec, checkpoint) -> None:
 
 def add_calibration_arguments(parser) -> None:
     parser.add_argument("--calib", choices=(*ORDERS, "none"), default=None,
-                        help=f"calibration after pruning (default {DEFAULT_CALIBRATION.order}); "
-                             "none: the closed-form compensation alone")
+                        help=f"calibration after pruning (default {DEFAULT_CALIBRATION.order} "
+                             f"up to {LARGE_INPUT_SIDE} px, none above); none: the closed-form "
+                             "compensation alone")
     parser.add_argument("--calib-images", type=whole_number("calibration image count"),
                         default=None, help=f"calibration images (default "
                                            f"{DEFAULT_CALIBRATION.count})")
@@ -364,12 +373,14 @@ def calibration_from_args(args, input_size: tuple[int, ...]):
     input size (its default synthetic images depend on it)."""
     import dataclasses
 
-    from autodfp.calibrate.refit import default_calibration
+    from autodfp.calibrate.refit import calibrates_by_default, default_calibration
 
     if args.calib == "none":
         if args.calib_images or args.calib_data or args.synth_steps:
             raise AutoDFPError("--calib none takes no --calib-images, --calib-data or "
                                "--synth-steps")
+        return None
+    if not _calibration_flags_given(args) and not calibrates_by_default(input_size):
         return None
     config = default_calibration(input_size)
     changes = {}
@@ -438,11 +449,17 @@ def cmd_prune(args) -> int:
     calibration = (f"calibration={strategy.calibration.order} on {strategy.calibration.count} "
                    f"{'synthetic' if strategy.calibration.images == 'synthetic' else 'user'} "
                    "images" if strategy.calibration else "calibration=none")
+    if strategy.calibration is None and not args.strategy and not _calibration_flags_given(args):
+        calibration += (f" (the default above {LARGE_INPUT_SIDE} px: the synthetic refit does "
+                        "not help models this size yet; --calib refit asks for it, --calib-data "
+                        "DIR refits on your own unlabeled images)")
     bits = strategy.layer_bits
     widths = "/".join(map(str, sorted(set(bits.values()))))
     quantization = (f", {len(bits)} layer(s) quantized to {widths} bits "
                     f"({strategy.quant_config().compensate})" if bits else "")
     groups = sum(1 for a in strategy.layers.values() if a.keep < 1.0)
+    if args.macs is not None:
+        _say(_describe_keeps(strategy, args))
     _say(f"pruning {strategy.model}: {groups} group(s), select={strategy.select}, "
          f"reconstruct={strategy.reconstruct}, {calibration}{quantization}")
     quant_images = None
@@ -501,7 +518,8 @@ def write_pruned(pruned, args, extra_report: dict | None = None, splits=None) ->
 
 
 def _strategy_from_args(args):
-    from autodfp.pipeline import checkpoint_digest, uniform_strategy
+    from autodfp.models import build_model
+    from autodfp.pipeline import checkpoint_digest, group_layers, uniform_strategy
     from autodfp.strategy import Strategy
 
     if args.strategy:
@@ -519,9 +537,9 @@ def _strategy_from_args(args):
         if input_spec_from_args(args) is not None:
             raise AutoDFPError("a strategy file fixes the model's input; --input-size, --mean "
                                "and --std go with --keep")
-        if args.coupled:
-            raise AutoDFPError("a strategy file fixes which groups are pruned; --coupled goes "
-                               "with --keep")
+        if args.coupled or args.allocate:
+            raise AutoDFPError("a strategy file fixes which groups are pruned and how much; "
+                               "--coupled and --allocate go with --keep or --macs")
         if args.checkpoint:
             strategy.checkpoint = args.checkpoint
             strategy.checkpoint_sha256 = checkpoint_digest(strategy.model, args.checkpoint)
@@ -534,12 +552,20 @@ def _strategy_from_args(args):
     calibration = calibration_from_args(args, unweighted[1].input_size)
     if args.quant is not None and args.bits is None:
         raise AutoDFPError("--quant needs --bits")
-    keep = args.keep if args.macs is None else _uniform_keep_for_macs(args, *unweighted)
-    strategy = uniform_strategy(args.model, keep, select=args.select,
+    if args.allocate is not None and args.macs is None:
+        raise AutoDFPError("--allocate goes with --macs (--keep is one share for every group)")
+    allocation = (args.allocate or ALLOCATIONS[0]) if args.macs is not None else None
+    select = args.select or default_selection(allocation)
+    strategy = uniform_strategy(args.model, args.keep or 1.0, select=select,
                                 reconstruct=args.reconstruct, coef=args.coef,
                                 checkpoint=args.checkpoint, bits=args.bits,
                                 input_spec=input_spec_from_args(args), coupled=args.coupled,
                                 nm_sigma=args.nm_sigma)
+    if args.macs is not None:
+        model, spec = build_model(args.model, args.checkpoint,
+                                  input_spec=input_spec_from_args(args))
+        strategy.layers = group_layers(_allocated_keeps(args, model, spec), model,
+                                       coef=args.coef, bits=args.bits)
     strategy.calibration = calibration
     if args.bits is not None:
         strategy.quantization = QuantConfig(compensate=args.quant or QuantConfig.compensate)
@@ -554,14 +580,19 @@ def _unweighted_model(args):
                        input_spec=input_spec_from_args(args))
 
 
-def _uniform_keep_for_macs(args, model, spec) -> float:
-    from autodfp.measure.costmodel import uniform_keep_for_macs
-    from autodfp.measure.metrics import count_macs
+def _allocated_keeps(args, model, spec) -> dict[str, float]:
+    from autodfp.compress.allocation import allocate_keeps
 
-    keep = uniform_keep_for_macs(model, spec, count_macs(model, spec), args.macs,
-                                 coupled=args.coupled)
-    _say(f"--macs {args.macs:g}: uniform keep {keep:.4f} of every prunable group")
-    return keep
+    return allocate_keeps(model, spec, args.macs, allocation=args.allocate or ALLOCATIONS[0],
+                          coupled=args.coupled)
+
+
+def _describe_keeps(strategy, args) -> str:
+    shares = sorted(a.keep for a in strategy.layers.values())
+    if (args.allocate or ALLOCATIONS[0]) == "uniform":
+        return f"--macs {args.macs:g}: uniform keep {shares[0]:.4f} of every prunable group"
+    return (f"--macs {args.macs:g}: keeps allocated by contribution per MAC over {len(shares)} "
+            f"layers: {shares[0]:.2f} to {shares[-1]:.2f}, mean {sum(shares) / len(shares):.2f}")
 
 
 def check_out(out: Path, force: bool) -> None:

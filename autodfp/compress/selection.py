@@ -131,14 +131,27 @@ class Contribution(L1Norm):
     name = "contribution"
 
     def select_group(self, group: ChannelGroup, n_keep: int) -> torch.Tensor:
-        bn, act = ((group.depthwise_bn, group.depthwise_act) if group.depthwise
-                   else (group.bn, group.act))
-        if bn is None or group.coupled:
+        scores = contribution_scores(group)
+        if scores is None:
             return self.select(group.selection_weight(), n_keep)
-        mu, sd = BNStats.of(bn).activation_gaussian()
-        _, variance = activation_moments(mu, sd, act)
-        reach = sum(_input_energy(consumer.weight) for consumer in group.consumers.values())
-        return _top(variance * reach, n_keep)
+        return _top(scores, n_keep)
+
+
+def contribution_scores(group: ChannelGroup) -> np.ndarray | None:
+    """Per channel: the variance it brings to the consumers' outputs (see :class:`Contribution`);
+    None for a group without the BN that says it, or a residual-coupled one."""
+    bn, act = ((group.depthwise_bn, group.depthwise_act) if group.depthwise
+               else (group.bn, group.act))
+    if bn is None or group.coupled:
+        return None
+    mu, sd = BNStats.of(bn).activation_gaussian()
+    _, variance = activation_moments(mu, sd, act)
+    return np.asarray(variance, dtype=float) * consumer_reach(group)
+
+
+def consumer_reach(group: ChannelGroup) -> np.ndarray:
+    """Per channel: the squared weights of every consumer reading it."""
+    return sum(_input_energy(consumer.weight) for consumer in group.consumers.values())
 
 
 def _input_energy(weight: torch.Tensor) -> np.ndarray:

@@ -1,0 +1,70 @@
+"""Per-group keeps under a MACs budget, side by side: the uniform keep against the data-free
+``contribution`` allocation, each with the L1 and the contribution selection, then top-1.
+
+    python bench/allocation.py --model resnet56 --macs 0.5            # lossless 1,017
+    python bench/allocation.py --model resnet56 --macs 0.5 --calib refit
+    python bench/allocation.py --model efficientnet_lite1 --macs 0.7,0.85 --every 8 \
+        --data ../shared/data/imagenette/imagenette2_val_224px.tar \
+        --class-index ../shared/data/imagenette/imagenet_class_index.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> None:
+    from autodfp.calibrate.refit import default_calibration
+    from autodfp.compress.allocation import ALLOCATIONS, allocate_keeps
+    from autodfp.data import load_split, load_user_data
+    from autodfp.measure.metrics import accuracy, count_macs
+    from autodfp.pipeline import apply_strategy, group_layers, load_base, uniform_strategy
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="resnet56")
+    parser.add_argument("--macs", default="0.5", help="budgets, comma-separated")
+    parser.add_argument("--select", default="l1,contribution", help="criteria, comma-separated")
+    parser.add_argument("--reconstruct", default="autodfp")
+    parser.add_argument("--calib", choices=("none", "refit"), default="none",
+                        help="refit: the default synthetic refit after the closed form")
+    parser.add_argument("--data", type=Path, help="labelled images (default: lossless 1,017)")
+    parser.add_argument("--class-index", type=Path)
+    parser.add_argument("--every", type=int, default=1, help="take every n-th image")
+    args = parser.parse_args()
+
+    model, spec = load_base(uniform_strategy(args.model, 1.0))
+    images = (load_user_data(args.data, input_size=spec.input_size, class_index=args.class_index,
+                             progress=True) if args.data else load_split("test-lossless"))
+    images = images.subset(np.arange(0, len(images), args.every), f"{images.name}/{args.every}")
+    base_macs = count_macs(model, spec)
+    print(f"{args.model} unpruned: {accuracy(model, images, spec):.2f}% on {len(images)} "
+          f"{images.name}; calibration {args.calib}")
+    print("MACs budget  allocation    select        keeps min-mean-max  MACs   top-1 %  seconds")
+    for budget in (float(m) for m in args.macs.split(",")):
+        for allocation in reversed(ALLOCATIONS):  # uniform first
+            keeps = allocate_keeps(model, spec, budget, allocation=allocation)
+            shares = np.array(list(keeps.values()))
+            for select in args.select.split(","):
+                start = time.perf_counter()
+                strategy = uniform_strategy(args.model, 1.0, select=select,
+                                            reconstruct=args.reconstruct)
+                strategy.layers = group_layers(keeps, model)
+                if args.calib == "refit":
+                    strategy.calibration = default_calibration(spec.input_size)
+                pruned = apply_strategy(strategy, load_base(strategy))
+                top1 = accuracy(pruned.model, images, spec)
+                print(f"{budget:<11g}  {allocation:12s}  {select:12s}  "
+                      f"{shares.min():.2f}-{shares.mean():.2f}-{shares.max():.2f}      "
+                      f"{count_macs(pruned.model, spec) / base_macs:.3f}  {top1:7.2f}  "
+                      f"{time.perf_counter() - start:7.0f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
