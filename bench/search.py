@@ -43,7 +43,7 @@ from autodfp.measure.metrics import accuracy, matmul_gflops
 from autodfp.pipeline import apply_strategy
 from autodfp.strategy import Strategy
 from envs.autodfp_env import AutoDFPEnv
-from envs.baselines import uniform_search
+from envs.baselines import allocation_search, uniform_search
 from launch.config import SearchConfig
 from launch.rerank import episode_strategy
 from launch.search import load_episodes, load_run_config, run_search
@@ -311,10 +311,12 @@ def main() -> int:
                              **_budget_column(env, strategy)})
                 if label == "SAC" and m == n and args.save_best:
                     strategy.save(args.save_best)
-        acc = test_acc(uniform.strategy)
-        rows.append({"method": uniform.name, "episodes": 0, "reward": uniform.reward,
-                     "lossless": acc["test-lossless"], "jpeg": acc["test-jpeg"],
-                     "macs_ratio": uniform.macs_ratio, **_budget_column(env, uniform.strategy)})
+        for baseline in (uniform, *([] if env.quant else [allocation_search(env)])):
+            acc = test_acc(baseline.strategy)
+            rows.append({"method": baseline.name, "episodes": 0, "reward": baseline.reward,
+                         "lossless": acc["test-lossless"], "jpeg": acc["test-jpeg"],
+                         "macs_ratio": baseline.macs_ratio,
+                         **_budget_column(env, baseline.strategy)})
         calibration = ("no calibration" if env.config.calibration is None else
                        f"calibrated ({env._template.calibration.order} on "
                        f"{env._template.calibration.count} synthetic images)")
@@ -371,8 +373,9 @@ def plot(rows: list[dict], path: Path, subtitle: str, model: str) -> None:
     for method in ("SAC", "random"):
         pts = [(r["episodes"], r["lossless"]) for r in rows if r["method"] == method]
         ax.plot(*zip(*pts), marker="o", label=method)
-    uniform = next(r for r in rows if r["episodes"] == 0)
-    ax.axhline(uniform["lossless"], color="grey", linestyle="--", label="best uniform")
+    for baseline, style in zip((r for r in rows if r["episodes"] == 0), ("--", ":")):
+        ax.axhline(baseline["lossless"], color="grey", linestyle=style,
+                   label=baseline["method"].split(" (")[0])
     ax.set(xscale="log", xlabel="episodes", ylabel="best-so-far top-1 %, lossless 1,017",
            title=f"{model}, no fine-tuning\n{subtitle}")
     ax.legend()

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import gymnasium as gym
 import numpy as np
+import torch.nn as nn
 
 from autodfp.calibrate.refit import Calibrator, CalibrationConfig
 from autodfp.calibrate.synthetic import default_config
@@ -46,7 +47,7 @@ from autodfp.measure.costmodel import MacsModel
 from autodfp.measure.fidelity import agreement_set
 from autodfp.measure.metrics import FLOAT_BITS, check_labelled_images, conv_and_linear_layers
 from autodfp.measure.report import REPORT_SPLITS
-from autodfp.models import InputSpec
+from autodfp.models import InputSpec, ModelSpec
 from autodfp.pipeline import checkpoint_digest, default_quant_images, load_base
 from autodfp.quantize.weights import QuantConfig, check_bits
 from autodfp.settings import check_choice, from_mapping
@@ -332,6 +333,11 @@ class AutoDFPEnv(gym.Env):
                          conv.out_channels / channels.max(), conv.kernel_size[0] / 7,
                          conv.stride[0] / 4, *similarity_stats(conv.weight).as_list()])
         return names, channels, np.clip(np.array(rows), 0.0, 1.0)
+
+    @property
+    def base(self) -> tuple[nn.Module, ModelSpec]:
+        """The unpruned model (never changed) and how it is fed."""
+        return self._base_model, self._spec
 
     def strategy_fields(self) -> dict:
         t = self._template

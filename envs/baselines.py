@@ -2,6 +2,10 @@
 
 - :func:`uniform_search`: one keep ratio for every group, the largest the MACs budget allows,
   with each candidate reconstruction (and coefficient) scored on the reward set; the best wins.
+- :func:`allocation_search`: the data-free ``contribution`` allocation (per-group keeps from
+  the BN statistics, :mod:`autodfp.compress.allocation`) with the ``contribution`` selection,
+  each candidate reconstruction scored on the reward set; what ``autodfp prune --macs`` does
+  without any search.
 - :func:`random_search`: uniformly random actions through the same projection, as many
   episodes as the SAC run had.
 """
@@ -12,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from autodfp.compress.allocation import allocate_keeps
 from autodfp.strategy import LayerAction, Strategy
 from envs.autodfp_env import AutoDFPEnv
 
@@ -43,6 +48,21 @@ def uniform_search(env: AutoDFPEnv) -> SearchOutcome:
         reward = env.evaluate(strategy)
         if best is None or reward > best.reward:
             best = SearchOutcome(f"uniform keep {keep:.3f} ({method}, coef {coef:g})",
+                                 strategy, reward, env.macs_ratio_of(strategy))
+    return best
+
+
+def allocation_search(env: AutoDFPEnv) -> SearchOutcome:
+    model, spec = env.base
+    keeps = allocate_keeps(model, spec, env.config.macs_budget, coupled=env.config.coupled)
+    best = None
+    for method, coef in UNIFORM_CANDIDATES:
+        layers = {name: LayerAction(keeps[name], coef) for name in env.group_names}
+        strategy = Strategy(**{**env.strategy_fields(), "reconstruct": method,
+                               "select": "contribution"}, layers=layers)
+        reward = env.evaluate(strategy)
+        if best is None or reward > best.reward:
+            best = SearchOutcome(f"contribution allocation ({method}, coef {coef:g})",
                                  strategy, reward, env.macs_ratio_of(strategy))
     return best
 

@@ -161,7 +161,7 @@ def format_front(run) -> str:
 def compare_with_baselines(run_dir, *, progress: bool = True) -> dict:
     """SAC's best against uniform and random search at the same budget, on the test images."""
     from envs.autodfp_env import AutoDFPEnv, search_images
-    from envs.baselines import random_search, uniform_search
+    from envs.baselines import allocation_search, random_search, uniform_search
 
     run_dir = check_run_dir(run_dir)
     cfg = load_run_config(run_dir)
@@ -172,6 +172,7 @@ def compare_with_baselines(run_dir, *, progress: bool = True) -> dict:
     episodes = max(len(load_episodes(run_dir)), 1)
     env = AutoDFPEnv(cfg.env)
     uniform = uniform_search(env)
+    allocation = allocation_search(env) if env.quant is None else None
     random = random_search(env, episodes, seed=cfg.seed)
     test_sets = search_images(env.config, env._spec)[1]
     rows = {
@@ -182,6 +183,9 @@ def compare_with_baselines(run_dir, *, progress: bool = True) -> dict:
         "uniform": _row(uniform.name, uniform.strategy, uniform.reward, uniform.macs_ratio,
                         test_sets, progress),
     }
+    if allocation is not None:
+        rows["allocation"] = _row(allocation.name, allocation.strategy, allocation.reward,
+                                  allocation.macs_ratio, test_sets, progress)
     result = {"episodes": episodes, "macs_budget": cfg.env_config().macs_budget, "rows": rows,
               "random_curve": random.curve}
     run_dir.child(REPORT_DIR).write_text(COMPARE_FILE, json.dumps(result, indent=2) + "\n")

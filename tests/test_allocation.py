@@ -84,3 +84,17 @@ def test_prune_cli_allocates_by_default_and_says_so(tmp_path, capsys):
                  "--out", str(tmp_path / "x")]) != 0
     assert "error: --allocate goes with --macs" in capsys.readouterr().err
     assert np.isfinite(report["ratios"]["macs"])
+
+
+def test_allocation_baseline_in_the_search_harness():
+    """The data-free allocation as a search baseline: same env, budget and reward set."""
+    from envs.autodfp_env import AutoDFPEnv
+    from envs.baselines import allocation_search
+
+    env = AutoDFPEnv({"model": "resnet20", "macs_budget": 0.6, "reward_size": 100,
+                      "calibration": None})
+    outcome = allocation_search(env)
+    assert outcome.strategy.select == "contribution"
+    assert outcome.macs_ratio <= 0.6
+    assert len({a.keep for a in outcome.strategy.layers.values()}) > 1
+    assert outcome.reward > 0.3  # chance is 0.1

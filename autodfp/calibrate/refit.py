@@ -396,10 +396,10 @@ DEFAULT_CALIBRATION = CalibrationConfig()
 
 def calibrates_by_default(input_size: tuple[int, ...]) -> bool:
     """Whether ``autodfp prune`` calibrates a model of this input size unless told: on CIFAR-size
-    inputs the synthetic refit is the strongest step (ResNet-56 at 0.5 of the MACs: 88.10 %
-    against 63.72 % without); above ``LARGE_INPUT_SIDE`` px the synthetic images do not yet
+    inputs the synthetic refit is the strongest step (ResNet-56 at 0.5 of the MACs: 87.81 %
+    against 72.96 % without); above ``LARGE_INPUT_SIDE`` px the synthetic images do not yet
     carry what a refit needs and it destroys what the closed form kept (EfficientNet-Lite1 at
-    0.7 of the MACs: 7.33 % against 39.10 %; docs/calibration.md), so the default there is the
+    0.7 of the MACs: 6.31 % against 37.68 %; docs/calibration.md), so the default there is the
     closed form alone. Real unlabeled images (``--calib-data``) still calibrate any model."""
     from autodfp.calibrate.synthetic import LARGE_INPUT_SIDE
 
