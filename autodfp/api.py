@@ -116,9 +116,10 @@ def prune(model: nn.Module, example_inputs: torch.Tensor, *, keep: float | None 
     (None: the closed-form compensation alone; ``"refit"``, ``"bn"``, ``"bn+refit"``,
     ``"refit+bn"``, a :class:`CalibrationConfig` or its dict) on synthetic images made from
     the model's BatchNorm statistics, or on ``calib_data`` (unlabeled images: a normalised
-    (N, C, H, W) tensor or a folder / ``.npz`` path). ``bits`` quantizes every conv and linear layer (``quant``: how
-    the error is compensated). ``fidelity_images`` held-out synthetic images estimate the
-    top-1 agreement with ``model`` (0: none); a low one raises a :class:`UserWarning`."""
+    (N, C, H, W) tensor or a folder / ``.npz`` path). ``bits`` quantizes every conv and linear
+    layer (``quant``: how the error is compensated). ``fidelity_images`` held-out synthetic
+    images estimate the top-1 agreement with ``model`` (0: none); a low one raises a
+    :class:`UserWarning`."""
     if (keep is None) == (macs is None):
         raise AutoDFPError("give keep or macs (one of them)")
     if macs is not None and not (isinstance(macs, (int, float)) and 0 < macs < 1):

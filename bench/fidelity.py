@@ -8,7 +8,8 @@ caught.
 
     python bench/fidelity.py --model resnet20 --strategies 30 --calib none
     python bench/fidelity.py --model resnet20 --strategies 30 --calib refit
-    python bench/fidelity.py --model efficientnet_lite1 --strategies 12 --low 0.85 \\
+    python bench/fidelity.py --model efficientnet_lite1 --strategies 30 --low 0.6 \\
+        --select contribution \\
         --data ../shared/data/imagenette/imagenette2_val_224px.tar \\
         --class-index ../shared/data/imagenette/imagenet_class_index.json --score-images 400
 """
@@ -40,6 +41,7 @@ def main() -> None:
     parser.add_argument("--strategies", type=int, default=30)
     parser.add_argument("--low", type=float, default=0.2, help="lowest per-layer keep")
     parser.add_argument("--calib", choices=("none", "refit"), default="none")
+    parser.add_argument("--select", default="l1", help="selection criterion of every strategy")
     parser.add_argument("--fidelity-images", type=int, default=64)
     parser.add_argument("--data", default=None, help="labelled images (default: the lossless "
                                                      "CIFAR-10 1,017)")
@@ -49,7 +51,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    template = uniform_strategy(args.model, 1.0, reconstruct="autodfp")
+    template = uniform_strategy(args.model, 1.0, select=args.select, reconstruct="autodfp")
     model, spec = load_base(template)
     if args.data:
         images = load_user_data(args.data, input_size=spec.input_size,

@@ -469,7 +469,8 @@ def cmd_prune(args) -> int:
     fidelity = _fidelity_probe(strategy, *base, args.fidelity_images)
     start = time.perf_counter()
     pruned = apply_strategy(strategy, base, calibrator=calibrator, quant_images=quant_images)
-    _say(f"pruned and calibrated in {time.perf_counter() - start:.1f} s")
+    done = "pruned and calibrated" if strategy.calibration is not None else "pruned"
+    _say(f"{done} in {time.perf_counter() - start:.1f} s")
     write_pruned(pruned, args, extra_report=_fidelity_report(fidelity, pruned.model),
                  splits=splits)
     return 0
