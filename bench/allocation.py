@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, help="labelled images (default: lossless 1,017)")
     parser.add_argument("--class-index", type=Path)
     parser.add_argument("--every", type=int, default=1, help="take every n-th image")
+    parser.add_argument("--plot", type=Path, help="also draw top-1 against MACs into this PNG")
     args = parser.parse_args()
 
     model, spec = load_base(uniform_strategy(args.model, 1.0))
@@ -44,9 +45,11 @@ def main() -> None:
                              progress=True) if args.data else load_split("test-lossless"))
     images = images.subset(np.arange(0, len(images), args.every), f"{images.name}/{args.every}")
     base_macs = count_macs(model, spec)
-    print(f"{args.model} unpruned: {accuracy(model, images, spec):.2f}% on {len(images)} "
+    base_top1 = accuracy(model, images, spec)
+    print(f"{args.model} unpruned: {base_top1:.2f}% on {len(images)} "
           f"{images.name}; calibration {args.calib}")
     print("MACs budget  allocation    select        keeps min-mean-max  MACs   top-1 %  seconds")
+    rows = []
     for budget in (float(m) for m in args.macs.split(",")):
         for allocation in reversed(ALLOCATIONS):  # uniform first
             keeps = allocate_keeps(model, spec, budget, allocation=allocation)
@@ -60,10 +63,37 @@ def main() -> None:
                     strategy.calibration = default_calibration(spec.input_size)
                 pruned = apply_strategy(strategy, load_base(strategy))
                 top1 = accuracy(pruned.model, images, spec)
+                macs_share = count_macs(pruned.model, spec) / base_macs
+                rows.append((allocation, select, macs_share, top1))
                 print(f"{budget:<11g}  {allocation:12s}  {select:12s}  "
                       f"{shares.min():.2f}-{shares.mean():.2f}-{shares.max():.2f}      "
-                      f"{count_macs(pruned.model, spec) / base_macs:.3f}  {top1:7.2f}  "
+                      f"{macs_share:.3f}  {top1:7.2f}  "
                       f"{time.perf_counter() - start:7.0f}", flush=True)
+    if args.plot:
+        title = (f"{args.model}, {len(images)} {images.name} images, calibration {args.calib}, "
+                 "no fine-tuning")
+        plot(rows, base_top1, args.plot, title)
+
+
+def plot(rows: list[tuple], base_top1: float, path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from autodfp.io import atomic_writer
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for allocation, select in sorted({(r[0], r[1]) for r in rows}, reverse=True):
+        points = sorted((m, t) for a, s, m, t in rows if (a, s) == (allocation, select))
+        ax.plot(*zip(*points), marker="o", label=f"{allocation} allocation, {select} selection")
+    ax.axhline(base_top1, color="grey", linestyle="--", label="unpruned")
+    ax.set(xlabel="MACs share of the unpruned model", ylabel="top-1 %", title=title)
+    ax.title.set_fontsize(8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_writer(path) as fh:
+        fig.savefig(fh, format="png", dpi=110)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
