@@ -296,7 +296,8 @@ def main() -> int:
         def test_acc(strategy: Strategy) -> dict:
             key = strategy.to_json()
             if key not in known:
-                pruned = apply_strategy(strategy, (copy.deepcopy(env._base_model), env._spec),
+                model, spec = env.base
+                pruned = apply_strategy(strategy, (copy.deepcopy(model), spec),
                                         calibrator=env.reward.calibrator)
                 known[key] = {t.name: accuracy(pruned.model, t, pruned.spec) for t in tests}
             return known[key]

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from autodfp.compress.allocation import allocate_keeps
+from autodfp.compress.allocation import allocate_keeps, default_selection
 from autodfp.strategy import LayerAction, Strategy
 from envs.autodfp_env import AutoDFPEnv
 
@@ -41,29 +41,30 @@ def uniform_search(env: AutoDFPEnv) -> SearchOutcome:
     keep = largest_uniform_keep(env)
     if keep is None:
         raise ValueError("no uniform keep ratio fits the budget")
-    best = None
-    for method, coef in UNIFORM_CANDIDATES:
-        layers = {name: LayerAction(keep, coef) for name in env.group_names}
-        strategy = Strategy(**{**env.strategy_fields(), "reconstruct": method}, layers=layers)
-        reward = env.evaluate(strategy)
-        if best is None or reward > best.reward:
-            best = SearchOutcome(f"uniform keep {keep:.3f} ({method}, coef {coef:g})",
-                                 strategy, reward, env.macs_ratio_of(strategy))
-    return best
+    return best_reconstruction(env, f"uniform keep {keep:.3f}",
+                               {name: keep for name in env.group_names})
 
 
 def allocation_search(env: AutoDFPEnv) -> SearchOutcome:
     model, spec = env.base
     keeps = allocate_keeps(model, spec, env.config.macs_budget, coupled=env.config.coupled)
+    return best_reconstruction(env, "contribution allocation", keeps,
+                               select=default_selection("contribution"))
+
+
+def best_reconstruction(env: AutoDFPEnv, label: str, keeps: dict[str, float],
+                        **fields) -> SearchOutcome:
+    """These per-group keeps with each of :data:`UNIFORM_CANDIDATES`' reconstructions (and
+    ``fields`` of the strategy changed); the best reward wins."""
     best = None
     for method, coef in UNIFORM_CANDIDATES:
         layers = {name: LayerAction(keeps[name], coef) for name in env.group_names}
-        strategy = Strategy(**{**env.strategy_fields(), "reconstruct": method,
-                               "select": "contribution"}, layers=layers)
+        strategy = Strategy(**{**env.strategy_fields(), "reconstruct": method, **fields},
+                            layers=layers)
         reward = env.evaluate(strategy)
         if best is None or reward > best.reward:
-            best = SearchOutcome(f"contribution allocation ({method}, coef {coef:g})",
-                                 strategy, reward, env.macs_ratio_of(strategy))
+            best = SearchOutcome(f"{label} ({method}, coef {coef:g})", strategy, reward,
+                                 env.macs_ratio_of(strategy))
     return best
 
 

@@ -519,6 +519,7 @@ def write_pruned(pruned, args, extra_report: dict | None = None, splits=None) ->
 
 
 def _strategy_from_args(args):
+    from autodfp.compress.allocation import allocate_keeps
     from autodfp.models import build_model
     from autodfp.pipeline import checkpoint_digest, group_layers, uniform_strategy
     from autodfp.strategy import Strategy
@@ -555,7 +556,7 @@ def _strategy_from_args(args):
         raise AutoDFPError("--quant needs --bits")
     if args.allocate is not None and args.macs is None:
         raise AutoDFPError("--allocate goes with --macs (--keep is one share for every group)")
-    allocation = (args.allocate or ALLOCATIONS[0]) if args.macs is not None else None
+    allocation = _allocation(args)
     select = args.select or default_selection(allocation)
     strategy = uniform_strategy(args.model, args.keep or 1.0, select=select,
                                 reconstruct=args.reconstruct, coef=args.coef,
@@ -565,8 +566,9 @@ def _strategy_from_args(args):
     if args.macs is not None:
         model, spec = build_model(args.model, args.checkpoint,
                                   input_spec=input_spec_from_args(args))
-        strategy.layers = group_layers(_allocated_keeps(args, model, spec), model,
-                                       coef=args.coef, bits=args.bits)
+        keeps = allocate_keeps(model, spec, args.macs, allocation=allocation,
+                               coupled=args.coupled)
+        strategy.layers = group_layers(keeps, model, coef=args.coef, bits=args.bits)
     strategy.calibration = calibration
     if args.bits is not None:
         strategy.quantization = QuantConfig(compensate=args.quant or QuantConfig.compensate)
@@ -581,16 +583,14 @@ def _unweighted_model(args):
                        input_spec=input_spec_from_args(args))
 
 
-def _allocated_keeps(args, model, spec) -> dict[str, float]:
-    from autodfp.compress.allocation import allocate_keeps
-
-    return allocate_keeps(model, spec, args.macs, allocation=args.allocate or ALLOCATIONS[0],
-                          coupled=args.coupled)
+def _allocation(args) -> str | None:
+    """How --macs shares the cut (None under --keep: one share for every group)."""
+    return (args.allocate or ALLOCATIONS[0]) if args.macs is not None else None
 
 
 def _describe_keeps(strategy, args) -> str:
     shares = sorted(a.keep for a in strategy.layers.values())
-    if (args.allocate or ALLOCATIONS[0]) == "uniform":
+    if _allocation(args) == "uniform":
         return f"--macs {args.macs:g}: uniform keep {shares[0]:.4f} of every prunable group"
     return (f"--macs {args.macs:g}: keeps allocated by contribution per MAC over {len(shares)} "
             f"layers: {shares[0]:.2f} to {shares[-1]:.2f}, mean {sum(shares) / len(shares):.2f}")
