@@ -35,7 +35,7 @@ import gymnasium as gym
 import numpy as np
 import torch.nn as nn
 
-from autodfp.calibrate.refit import Calibrator, CalibrationConfig
+from autodfp.calibrate.refit import Calibrator, CalibrationConfig, default_calibration
 from autodfp.calibrate.synthetic import default_config
 from autodfp.compress.graph import ChannelGraph
 from autodfp.compress.similarity import similarity_stats
@@ -204,14 +204,15 @@ class EnvConfig:
 
     def calibration_config(self, input_size: tuple[int, ...] | None = None
                            ) -> CalibrationConfig | None:
-        """The calibration; with ``input_size``, synthetic images not set in ``calibration``
-        follow the default recipe for that input size (:func:`default_calibration`)."""
+        """The calibration; with ``input_size``, the fields not set in ``calibration`` follow
+        the default for that input size (:func:`default_calibration`)."""
         if self.calibration is None:
             return None
-        config = CalibrationConfig.from_dict(self.calibration)
-        if input_size is not None and "synth" not in self.calibration:
-            config = dataclasses.replace(config, synth=default_config(input_size))
-        return config
+        config = CalibrationConfig.from_dict(self.calibration)  # bad fields fail here
+        if input_size is None:
+            return config
+        return default_calibration(input_size,
+                                   **{name: getattr(config, name) for name in self.calibration})
 
 
 def search_images(config: EnvConfig, spec) -> tuple[ImageSet, list[ImageSet]]:

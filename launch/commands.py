@@ -353,9 +353,10 @@ def say_model(spec, checkpoint) -> None:
 
 def add_calibration_arguments(parser) -> None:
     parser.add_argument("--calib", choices=(*ORDERS, "none"), default=None,
-                        help=f"calibration after pruning (default {DEFAULT_CALIBRATION.order} "
-                             f"up to {LARGE_INPUT_SIDE} px, none above); none: the closed-form "
-                             "compensation alone")
+                        help=f"calibration after pruning (default {DEFAULT_CALIBRATION.order}; "
+                             f"above {LARGE_INPUT_SIDE} px on synthetic images with a stronger "
+                             "ridge and the first half of the layers left as they are); none: "
+                             "the closed-form compensation alone")
     parser.add_argument("--calib-images", type=whole_number("calibration image count"),
                         default=None, help=f"calibration images (default "
                                            f"{DEFAULT_CALIBRATION.count})")
@@ -373,16 +374,14 @@ def calibration_from_args(args, input_size: tuple[int, ...]):
     input size (its default synthetic images depend on it)."""
     import dataclasses
 
-    from autodfp.calibrate.refit import calibrates_by_default, default_calibration
+    from autodfp.calibrate.refit import default_calibration
+    from autodfp.calibrate.synthetic import default_config
 
     if args.calib == "none":
         if args.calib_images or args.calib_data or args.synth_steps:
             raise AutoDFPError("--calib none takes no --calib-images, --calib-data or "
                                "--synth-steps")
         return None
-    if not _calibration_flags_given(args) and not calibrates_by_default(input_size):
-        return None
-    config = default_calibration(input_size)
     changes = {}
     if args.calib:
         changes["order"] = args.calib
@@ -391,12 +390,12 @@ def calibration_from_args(args, input_size: tuple[int, ...]):
     if args.synth_steps:
         if args.calib_data:
             raise AutoDFPError("--synth-steps is for synthetic images, not --calib-data")
-        changes["synth"] = dataclasses.replace(config.synth, steps=args.synth_steps)
+        changes["synth"] = dataclasses.replace(default_config(input_size), steps=args.synth_steps)
     if args.calib_data:
         if not args.calib_data.exists():
             raise AutoDFPError(f"calibration data not found: {args.calib_data}")
         changes["images"] = str(args.calib_data)
-    return dataclasses.replace(config, **changes)
+    return default_calibration(input_size, **changes)
 
 
 def _calibration_flags_given(args) -> bool:
@@ -449,10 +448,6 @@ def cmd_prune(args) -> int:
     calibration = (f"calibration={strategy.calibration.order} on {strategy.calibration.count} "
                    f"{'synthetic' if strategy.calibration.images == 'synthetic' else 'user'} "
                    "images" if strategy.calibration else "calibration=none")
-    if strategy.calibration is None and not args.strategy and not _calibration_flags_given(args):
-        calibration += (f" (the default above {LARGE_INPUT_SIDE} px: the synthetic refit does "
-                        "not help models this size yet; --calib refit asks for it, --calib-data "
-                        "DIR refits on your own unlabeled images)")
     bits = strategy.layer_bits
     widths = "/".join(map(str, sorted(set(bits.values()))))
     quantization = (f", {len(bits)} layer(s) quantized to {widths} bits "

@@ -145,6 +145,24 @@ def test_producer_refit_brings_kept_channels_back_toward_the_unpruned_ones(resne
     assert errors[True] < 0.75 * errors[False], errors
 
 
+def test_refit_after_leaves_the_first_layers_at_their_closed_form_weights(resnet20):
+    base = load_base(uniform_strategy("resnet20", 1.0))
+    strategy = uniform_strategy("resnet20", 0.5)
+    closed_form = apply_strategy(strategy, (copy.deepcopy(base[0]), base[1])).model
+    strategy.calibration = dataclasses.replace(CALIB, refit_after=0.5)
+    pruned = apply_strategy(strategy, (copy.deepcopy(base[0]), base[1]))
+    every = Calibrator.for_model(*base, CALIB).targets  # the refittable layers, forward order
+    assert pruned.refitted == list(every)[len(every) // 2:]
+    weights = {n: m.weight for n, m in closed_form.named_modules() if hasattr(m, "weight")}
+    for name, module in pruned.model.named_modules():
+        if name in every and name not in pruned.refitted:
+            assert torch.equal(module.weight, weights[name]), name
+        elif name in pruned.refitted:
+            assert not torch.equal(module.weight, weights[name]), name
+    with pytest.raises(AutoDFPError, match="refit_after"):
+        dataclasses.replace(CALIB, refit_after=1.0)
+
+
 def test_calibration_replays_bit_identically(resnet20):
     strategy = uniform_strategy("resnet20", 0.6)
     strategy.calibration = CALIB

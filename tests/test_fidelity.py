@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from autodfp.calibrate.refit import _conv_patches, _refittable, default_calibration, sample_positions
+from autodfp.calibrate.refit import (DEFAULT_CALIBRATION, _conv_patches, _refittable,
+                                     default_calibration, sample_positions)
 from autodfp.errors import AutoDFPError
 from autodfp.measure.fidelity import LOW_AGREEMENT_PERCENT, estimate
 from autodfp.calibrate.synthetic import SynthConfig, default_config, generate
@@ -72,6 +73,13 @@ def test_default_synthetic_recipe_by_input_size():
     assert large.coarse_steps > 0 and large.clip and large.channels_last and large.jitter == 30
     assert default_calibration((3, 224, 224)).synth == dataclasses.replace(
         default_config((3, 224, 224)), count=default_calibration((3, 224, 224)).count)
+    # above 64 px the refit on synthetic images trusts them less; on real images it does not
+    large = default_calibration((3, 224, 224))
+    assert (large.ridge, large.refit_after) == (1.0, 0.5)
+    assert default_calibration((3, 224, 224), ridge=0.1).ridge == 0.1
+    real = default_calibration((3, 224, 224), images="photos/")
+    assert (real.ridge, real.refit_after) == (DEFAULT_CALIBRATION.ridge, 0.0)
+    assert default_calibration((3, 32, 32)) == DEFAULT_CALIBRATION
 
 
 class TinyBNNet(nn.Module):
