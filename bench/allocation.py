@@ -3,6 +3,8 @@
 
     python bench/allocation.py --model resnet56 --macs 0.5            # lossless 1,017
     python bench/allocation.py --model resnet56 --macs 0.5 --calib refit
+    python bench/allocation.py --model efficientnet_lite1 --macs 0.7 --calib refit \
+        --calib-option ridge=0.3 --calib-option refit_after=0 --every 2 --data ... --class-index ...
     python bench/allocation.py --model efficientnet_lite1 --macs 0.7,0.85 --every 8 \
         --data ../shared/data/imagenette/imagenette2_val_224px.tar \
         --class-index ../shared/data/imagenette/imagenet_class_index.json
@@ -34,12 +36,16 @@ def main() -> None:
     parser.add_argument("--reconstruct", default="autodfp")
     parser.add_argument("--calib", choices=("none", "refit"), default="none",
                         help="refit: the default synthetic refit after the closed form")
+    parser.add_argument("--calib-option", action="append", default=[], metavar="FIELD=VALUE",
+                        help="with --calib refit: a CalibrationConfig field other than the "
+                             "default for the input size, e.g. ridge=1 (repeatable)")
     parser.add_argument("--data", type=Path, help="labelled images (default: lossless 1,017)")
     parser.add_argument("--class-index", type=Path)
     parser.add_argument("--every", type=int, default=1, help="take every n-th image")
     parser.add_argument("--plot", type=Path, help="also draw top-1 against MACs into this PNG")
     args = parser.parse_args()
 
+    options = calibration_options(args.calib_option)
     model, spec = load_base(uniform_strategy(args.model, 1.0))
     images = (load_user_data(args.data, input_size=spec.input_size, class_index=args.class_index,
                              progress=True) if args.data else load_split("test-lossless"))
@@ -60,7 +66,7 @@ def main() -> None:
                                             reconstruct=args.reconstruct)
                 strategy.layers = group_layers(keeps, model)
                 if args.calib == "refit":
-                    strategy.calibration = default_calibration(spec.input_size)
+                    strategy.calibration = default_calibration(spec.input_size, **options)
                 pruned = apply_strategy(strategy, load_base(strategy))
                 top1 = accuracy(pruned.model, images, spec)
                 macs_share = count_macs(pruned.model, spec) / base_macs
@@ -73,6 +79,21 @@ def main() -> None:
         title = (f"{args.model}, {len(images)} {images.name} images, calibration {args.calib}, "
                  "no fine-tuning")
         plot(rows, base_top1, args.plot, title)
+
+
+def calibration_options(pairs: list[str]) -> dict:
+    """FIELD=VALUE pairs as CalibrationConfig fields, each parsed as its default's type."""
+    from autodfp.calibrate.refit import DEFAULT_CALIBRATION
+
+    options = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        default = getattr(DEFAULT_CALIBRATION, name, None)
+        if default is None or not value:
+            sys.exit(f"error: --calib-option wants FIELD=VALUE with a calibration field, got {pair}")
+        parse = (lambda v: v.lower() in ("1", "true")) if isinstance(default, bool) else type(default)
+        options[name] = parse(value)
+    return options
 
 
 def plot(rows: list[tuple], base_top1: float, path: Path, title: str) -> None:
