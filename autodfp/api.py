@@ -257,7 +257,9 @@ def _calibration(calibration, calib_data, spec: ModelSpec) -> CalibrationConfig 
             raise AutoDFPError("calib_data needs a calibration (e.g. calibration='refit')")
         return None
     if isinstance(calibration, str):
-        config = default_calibration(spec.input_size, order=calibration)
+        # the defaults differ for synthetic and real images (default_calibration)
+        images = "synthetic" if calib_data is None else GIVEN_IMAGES
+        config = default_calibration(spec.input_size, order=calibration, images=images)
     elif isinstance(calibration, dict):
         config = CalibrationConfig.from_dict(calibration)
     elif isinstance(calibration, CalibrationConfig):

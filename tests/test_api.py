@@ -146,6 +146,19 @@ def test_a_calibration_on_a_tensor_replays_only_with_the_same_tensor(lossless):
     assert weights_sha256(again.model) == weights_sha256(pruned.model)
 
 
+def test_the_default_calibration_above_64_px_differs_for_synthetic_and_real_images():
+    from autodfp.api import _calibration
+    from autodfp.calibrate.refit import DEFAULT_CALIBRATION, LARGE_INPUT_SYNTHETIC_REFIT
+    from autodfp.models import ModelSpec
+
+    spec = ModelSpec("user", SmallCNN, input_size=(3, 96, 96))
+    synthetic = _calibration("refit", None, spec)
+    assert synthetic.ridge == LARGE_INPUT_SYNTHETIC_REFIT["ridge"] != DEFAULT_CALIBRATION.ridge
+    real = _calibration("refit", torch.zeros(4, 3, 96, 96), spec)
+    assert (real.images, real.count, real.ridge, real.refit_after) == (
+        "given", 4, DEFAULT_CALIBRATION.ridge, 0.0)
+
+
 def test_registry_strategies_replay_on_the_object_and_other_weights_are_refused():
     strategy = Strategy.load(ROOT / "examples" / "resnet56-uniform-keep0.5.json")
     model, _ = build_model("resnet56")
