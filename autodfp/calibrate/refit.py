@@ -14,7 +14,9 @@ Two steps, both deterministic on the CPU and both part of the strategy (a replay
   output positions enter the fit (``positions`` per image), and the unpruned targets are
   computed once per :class:`Calibrator` (an env computes them once, not per episode).
   The ridge pulls toward the consumer's current weights (after the closed-form compensation),
-  not toward zero; a group's coefficient sets how strongly (see :func:`ridge_for`).
+  not toward zero; a group's coefficient sets how strongly (see :func:`ridge_for`). On
+  synthetic images above 64 px the ridge is stronger and only the later half of the layers is
+  refitted (:data:`LARGE_INPUT_SYNTHETIC_REFIT`).
 - **BN re-estimation** (``bn``): reset every BatchNorm's running statistics and re-estimate them
   as a cumulative average over the calibration images in a fixed batch order.
 
