@@ -2,7 +2,7 @@
 
     python bench/search.py [--run RUN_DIR] [--episodes 400] [--reward-size 1000]
                            [--runners 0,1,2] [--throughput-episodes 30] [--no-calibration]
-                           [--save-best examples/NAME.json]
+                           [--save-best examples/NAME.json] [--reward synthetic]
     python bench/search.py --mixed-precision --episodes 150 --reward-size 500 --runners ""
     python bench/search.py --throughput-only --runners 1,2,4,8 --gpus-per-runner 0.125 \
                            [--autocast]          # on a GPU machine
@@ -240,14 +240,19 @@ def main() -> int:
     parser.add_argument("--random-file", type=Path,
                         help="random-search episodes: read from this JSON file if it exists, "
                              "else run them and write it (with --random-only: only that)")
+    parser.add_argument("--reward", choices=("labelled", "synthetic"), default="labelled",
+                        help="the env's reward: synthetic = closeness to the unpruned model on "
+                             "held-out synthetic images, no labelled image read")
     parser.add_argument("--mixed-precision", action="store_true",
                         help="joint pruning + bits under a weight-size budget (MIXED_ENV)")
     parser.add_argument("--random-only", action="store_true",
                         help="run the random search alone (--episodes of them) into --random-file")
     args = parser.parse_args()
     suffix = ("-uncalibrated" if args.no_calibration else "") + (
-        "-mixed" if args.mixed_precision else "")
+        "-mixed" if args.mixed_precision else "") + (
+        "-synthetic-reward" if args.reward == "synthetic" else "")
     base_env = {**(MIXED_ENV if args.mixed_precision else ENV), "reward_size": args.reward_size,
+                "reward": args.reward,
                 **({"calibration": None} if args.no_calibration else {})}
     if args.random_only:
         if not args.random_file:
@@ -323,9 +328,12 @@ def main() -> int:
                        f"{env._template.calibration.count} synthetic images)")
         budget = (f"weight bytes <= {env.quant.budget_ratio}" if env.quant
                   else f"MACs <= {env.config.macs_budget}")
-        print(f"## {env.config.model}, {budget}, reward set "
-              f"{env.config.reward_size} training images, {calibration}\n")
-        print("| method | episodes | reward-set acc | lossless 1,017 % | JPEG 10,000 % | MACs ratio |"
+        reward_set = (f"{env.config.synthetic_reward_images} held-out synthetic images "
+                      "(reward exp(-KL), no label read)" if env.config.reward == "synthetic"
+                      else f"{env.config.reward_size} training images")
+        print(f"## {env.config.model}, {budget}, reward set {reward_set}, {calibration}\n")
+        reward_column = "reward exp(-KL)" if env.config.reward == "synthetic" else "reward-set acc"
+        print(f"| method | episodes | {reward_column} | lossless 1,017 % | JPEG 10,000 % | MACs ratio |"
               + (" weight-bytes ratio |" if env.quant else ""))
         print("|---|---|---|---|---|---|" + ("---|" if env.quant else ""))
         for r in rows:

@@ -14,8 +14,8 @@
   first, then the keep ratio); the observation gains the previous bits and the budget left.
 - Reward (:mod:`envs.reward`): 0 on every step but the last, which gets the top-1 accuracy (a
   fraction) of the pruned, compensated and calibrated model on the reward split (training
-  images), or with ``reward: synthetic`` its top-1 agreement with the unpruned model on
-  held-out synthetic images (no labelled image is read). Identical strategies are evaluated
+  images), or with ``reward: synthetic`` how close its outputs stay to the unpruned model's
+  (``exp(-KL)``) on held-out synthetic images (no labelled image is read). Identical strategies are evaluated
   once (cache); racing (``race_images``) scores a candidate that cannot reach the best rewards
   so far on a seeded subset of the images only.
 - Calibration (``calibration``, default on): every candidate is calibrated as
@@ -54,7 +54,9 @@ from autodfp.settings import check_choice, from_mapping
 from autodfp.strategy import LayerAction, Strategy
 from envs.reward import Racing, RewardEvaluator
 
-REWARDS = ("labelled", "synthetic")
+REWARD_OBJECTIVES = {"labelled": "accuracy", "synthetic": "kl"}
+"""Each ``reward`` setting and what :class:`envs.reward.RewardEvaluator` measures for it."""
+REWARDS = tuple(REWARD_OBJECTIVES)
 
 
 @dataclass(frozen=True)
@@ -104,9 +106,10 @@ class EnvConfig:
     :class:`autodfp.compress.graph.ChannelGraph`)."""
     reward: str = "labelled"
     """``labelled``: top-1 accuracy on ``reward_size`` labelled training images (CIFAR-10's,
-    or from ``data``). ``synthetic``: top-1 agreement with the unpruned model on
-    ``synthetic_reward_images`` held-out synthetic images (:func:`autodfp.measure.fidelity.
-    agreement_set`), so a search needs the weights alone."""
+    or from ``data``). ``synthetic``: how close the pruned model's outputs stay to the
+    unpruned model's, ``exp(-mean KL)``, on ``synthetic_reward_images`` held-out synthetic
+    images (:func:`autodfp.measure.fidelity.agreement_set`; :data:`envs.reward.OBJECTIVES`),
+    so a search needs the weights alone. Racing does not apply to it."""
     synthetic_reward_images: int = 256
     """Synthetic images of a ``synthetic`` reward (made once, then cached)."""
     reward_size: int = 5000
@@ -313,7 +316,8 @@ class AutoDFPEnv(gym.Env):
                                       autocast=self.config.autocast,
                                       fold_batchnorm=self.config.fold_batchnorm,
                                       racing=self.config.racing(),
-                                      batch_size=self.config.eval_batch_size or None)
+                                      batch_size=self.config.eval_batch_size or None,
+                                      objective=REWARD_OBJECTIVES[self.config.reward])
         self.action_space = gym.spaces.Box(0.0, 1.0, shape=(3 if self.quant else 2,),
                                            dtype=np.float32)
         obs_dim = self._static.shape[1] + (6 if self.quant else 4)

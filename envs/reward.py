@@ -1,6 +1,8 @@
 """The reward of a strategy (AMC keeps rewards in their own module): prune a copy of the
-unpruned model as the strategy says, calibrate it, and score it. Identical strategies are
-scored once (cache); each call records where its time went (``last_timing``)."""
+unpruned model as the strategy says, calibrate it, and score it: top-1 accuracy on labelled
+images, or, needing no label, how close its outputs stay to the unpruned model's
+(``exp(-KL)``). Identical strategies are scored once (cache); each call records where its time
+went (``last_timing``)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import numpy as np
 from autodfp.calibrate.refit import Calibrator
 from autodfp.data import ImageSet
 from autodfp.errors import AutoDFPError
-from autodfp.measure.metrics import ResidentImages, fold_batchnorm, resident_correct
+from autodfp.measure.metrics import (ResidentImages, fold_batchnorm, resident_correct,
+                                     resident_log_probs)
 from autodfp.pipeline import apply_strategy
 from autodfp.strategy import Strategy
 
@@ -30,6 +33,12 @@ def resolve_device(device: str) -> str:
     return device
 
 
+OBJECTIVES = ("accuracy", "kl")
+"""What a reward measures: ``accuracy``, top-1 on the labelled images (a fraction); ``kl``,
+``exp(-mean KL(unpruned || pruned))`` of the softmax outputs on the images, labels unused
+(1 when the pruned model computes what the unpruned one does). Over 100 calibrated ResNet-56
+strategies the KL ranks the prunes closer to their test accuracy than top-1 agreement does
+(Spearman 0.831 against 0.736, docs/calibration.md)."""
 RACE_Z = 3.0
 """Racing stops a candidate when the Wilson upper bound (this many standard deviations) of its
 accuracy on the images scored so far is below the running k-th best full reward."""
@@ -58,16 +67,23 @@ def wilson_upper(correct: int, total: int, z: float = RACE_Z) -> float:
 
 
 class RewardEvaluator:
-    """Top-1 accuracy (a fraction) of the pruned, compensated and calibrated model on the
-    reward images, kept resident on the device (normalised once). The pruned copy is scored
-    with its BatchNorms folded (``fold_batchnorm``), in channels-last layout, at the CPU's
-    fastest batch; ``racing`` stops the hopeless early."""
+    """The ``objective`` (:data:`OBJECTIVES`) of the pruned, compensated and calibrated model
+    on the reward images, kept resident on the device (normalised once). The pruned copy is
+    scored with its BatchNorms folded (``fold_batchnorm``), in channels-last layout, at the
+    CPU's fastest batch; ``racing`` stops the hopeless early (top-1 accuracy only: the KL
+    scores every image)."""
 
     def __init__(self, base_model, spec, images: ImageSet, calibrator: Calibrator | None,
                  quant_images=None, *, device: str = "auto", channels_last: bool = True,
                  autocast: bool = False, fold_batchnorm: bool = True,
-                 racing: Racing | None = None, batch_size: int | None = None):
-        self.base_model, self.spec = base_model, spec
+                 racing: Racing | None = None, batch_size: int | None = None,
+                 objective: str = "accuracy"):
+        if objective not in OBJECTIVES:
+            raise AutoDFPError(f"reward objective must be one of {', '.join(OBJECTIVES)}, "
+                               f"got {objective!r}")
+        if objective == "kl":
+            racing = None
+        self.base_model, self.spec, self.objective = base_model, spec, objective
         self.calibrator = calibrator
         self.quant_images = quant_images
         self.device = resolve_device(device)
@@ -76,6 +92,8 @@ class RewardEvaluator:
         order = np.random.default_rng(RACE_SEED).permutation(len(images)) if self.racing else None
         self.resident = ResidentImages(images, spec, self.device, channels_last=channels_last,
                                        order=order)
+        self.reference = (self._log_probs(copy.deepcopy(base_model)) if objective == "kl"
+                          else None)
         self.cache: dict[str, float] = {}
         self.full_rewards: list[float] = []
         self.last_timing: dict = {}
@@ -89,12 +107,26 @@ class RewardEvaluator:
             pruned = apply_strategy(strategy, (copy.deepcopy(self.base_model), self.spec),
                                     calibrator=self.calibrator, quant_images=self.quant_images)
             middle = time.perf_counter()
-            correct, scored = self.score(pruned.model)
-            self.cache[key] = correct / scored
+            if self.objective == "kl":
+                self.cache[key], scored = self.kl_reward(pruned.model), len(self.resident)
+            else:
+                correct, scored = self.score(pruned.model)
+                self.cache[key] = correct / scored
             self.last_timing.update(surgery_s=middle - start - pruned.calibrate_s,
                                     calibrate_s=pruned.calibrate_s,
                                     eval_s=time.perf_counter() - middle, scored_images=scored)
         return self.cache[key]
+
+    def _log_probs(self, model) -> "torch.Tensor":
+        model = fold_batchnorm(model, inplace=True) if self.fold else model
+        return resident_log_probs(model, self.resident, self.spec, autocast=self.autocast,
+                                  batch_size=self.batch_size)
+
+    def kl_reward(self, model) -> float:
+        """``exp(-mean KL(unpruned || model))`` over the reward images."""
+        reference = self.reference
+        kl = (reference.exp() * (reference - self._log_probs(model))).sum(1).mean()
+        return math.exp(-float(kl))
 
     def score(self, model) -> tuple[int, int]:
         """(correct, images scored): every image, or the racing subset alone when the

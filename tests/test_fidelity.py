@@ -37,10 +37,14 @@ class OddConv(nn.Conv2d):
 @pytest.mark.parametrize("make", [
     lambda: SamePadConv(3, 8, 3, stride=2, bias=False),
     lambda: nn.Conv2d(3, 8, 3, stride=1, padding=1),
+    lambda: nn.Conv2d(3, 8, (3, 5), stride=2, padding=(2, 1), dilation=(2, 1)),
 ])
-def test_refit_patches_reproduce_the_conv_output(make):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_refit_patches_reproduce_the_conv_output(make, channels_last):
     torch.manual_seed(0)
     conv, x = make(), torch.randn(2, 3, 15, 15)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         y = conv(x)
     rows = sample_positions(2, y.shape[2], y.shape[3], y.shape[2] * y.shape[3],

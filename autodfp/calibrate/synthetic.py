@@ -76,6 +76,9 @@ class SynthConfig:
     channels_last: bool = False
     """Run the optimisation in channels-last memory order (2x faster on a CPU at 224 px;
     the images differ from the default order's in the last bits, hence a setting)."""
+    bfloat16: bool = False
+    """Run the model's forward pass under bfloat16 autocast (the BN statistics and the loss
+    stay float32): faster where the CPU has bfloat16 instructions (docs/calibration.md)."""
 
     def __post_init__(self):
         for name in ("count", "batch_size", "steps"):
@@ -104,7 +107,7 @@ class SynthConfig:
                 or not math.isfinite(self.first_bn_weight) or self.first_bn_weight < 0):
             raise AutoDFPError(f"synthetic first_bn_weight must be a finite number >= 0, "
                                f"got {self.first_bn_weight!r}")
-        for name in ("cosine", "flip", "clip", "channels_last"):
+        for name in ("cosine", "flip", "clip", "channels_last", "bfloat16"):
             if not isinstance(getattr(self, name), bool):
                 raise AutoDFPError(f"synthetic {name} must be true or false, "
                                    f"got {getattr(self, name)!r}")
@@ -266,7 +269,9 @@ def _optimise_batch(model, bns, size, input_size, config, generator, bar, bounds
             for _ in range(steps):
                 stats.clear()
                 view = _augment(x, jitter, config.flip, generator)
-                logits = model(view)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bfloat16):
+                    logits = model(view)
+                logits = logits.float()
                 loss = _bn_loss(stats, config.loss, config.first_bn_weight)
                 if config.ce_weight > 0:
                     if labels is None:

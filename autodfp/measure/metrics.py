@@ -241,6 +241,26 @@ def resident_correct(model: nn.Module, images: ResidentImages, spec: ModelSpec,
     return int(correct.item())
 
 
+@torch.inference_mode()
+def resident_log_probs(model: nn.Module, images: ResidentImages, spec: ModelSpec, *,
+                       batch_size: int | None = None, autocast: bool = False) -> torch.Tensor:
+    """The model's log-softmax outputs (float32, N x classes, on the images' device) on every
+    image of ``images``, batched and laid out as :func:`resident_correct` scores them."""
+    device = images.device
+    model = model.eval().to(device)
+    if images.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    batch_size = batch_size or (cpu_eval_batch_size(spec) if device.type == "cpu"
+                                else eval_batch_size(spec))
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    out = []
+    with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+        for begin in range(0, len(images), batch_size):
+            logits = model(images.batch(begin, min(begin + batch_size, len(images))))
+            out.append(torch.log_softmax(logits.float(), dim=1))
+    return torch.cat(out)
+
+
 def resident_accuracy(model: nn.Module, images: ResidentImages, spec: ModelSpec, *,
                       batch_size: int | None = None, autocast: bool = False) -> float:
     """Top-1 accuracy in percent on every image of ``images``."""
