@@ -322,9 +322,6 @@ def positions_per_image(positions: int, conv: nn.Module, images: int) -> int:
     return max(positions, math.ceil(MIN_ROWS_PER_INPUT * inputs / images))
 
 
-GRAM_DTYPE = torch.float64
-
-
 def ridge_fit(x: torch.Tensor, y: torch.Tensor, w0: torch.Tensor, ridge: float,
               intercept: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """argmin_W,b ||x W^T + b - y||^2 + lam ||W - w0||^2, lam = ridge * mean diag(x^T x).
@@ -334,8 +331,7 @@ def ridge_fit(x: torch.Tensor, y: torch.Tensor, w0: torch.Tensor, ridge: float,
     if intercept:
         x_mean, y_mean = x.mean(0), y.mean(0)
         x, y = x - x_mean, y - y_mean
-    low = x.to(GRAM_DTYPE)
-    gram = (low.T @ low).double()
+    gram = x.T @ x
     lam = ridge * max(float(torch.diagonal(gram).mean()), 1e-12)
     rhs = x.T @ y + lam * w0.T
     gram.diagonal().add_(lam)
