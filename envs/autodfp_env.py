@@ -57,6 +57,8 @@ from envs.reward import Racing, RewardEvaluator
 REWARD_OBJECTIVES = {"labelled": "accuracy", "synthetic": "kl"}
 """Each ``reward`` setting and what :class:`envs.reward.RewardEvaluator` measures for it."""
 REWARDS = tuple(REWARD_OBJECTIVES)
+REWARD_NAMES = {"labelled": "reward-set accuracy", "synthetic": "synthetic reward exp(-KL)"}
+"""How logs, plots and the CLI name each ``reward`` setting's value."""
 
 
 @dataclass(frozen=True)

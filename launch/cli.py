@@ -174,16 +174,18 @@ def cmd_resume(args) -> int:
 
 
 def _print_best(run) -> None:
-    from launch.search import load_best, trial_budgets
+    from envs.autodfp_env import REWARD_NAMES
+    from launch.search import load_best, load_run_config, trial_budgets
 
     print(f"run folder: {run}")
+    reward = REWARD_NAMES[load_run_config(run).env_config().reward]
     trials = trial_budgets(run)
     for trial, budget in trials:
         best = load_best(run, trial)
         share = (f", budget share {best['budget_ratio']:.3f}"
                  if isinstance(best.get("budget_ratio"), float) else "")
         swept = f" [budget {budget:g}]" if budget is not None else ""
-        print(f"best{swept}: reward-set accuracy {best['accuracy']:.4f} at MACs "
+        print(f"best{swept}: {reward} {best['accuracy']:.4f} at MACs "
               f"{best['macs_ratio']:.3f}{share} (episode {best['episode']})")
     print(f"next: autodfp export {run} --out DIR"
           + (" --budget B" if trials[0][1] is not None else ""))

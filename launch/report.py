@@ -11,6 +11,7 @@ from autodfp.errors import AutoDFPError
 from autodfp.measure.metrics import accuracy
 from autodfp.pipeline import apply_strategy
 from autodfp.strategy import Strategy
+from envs.autodfp_env import REWARD_NAMES
 from launch.search import (check_run_dir, load_best, load_episodes, load_run_config,
                            trial_budgets)
 from launch.storage import Location
@@ -31,7 +32,8 @@ def plot_run(run_dir) -> list[str]:
         return [plot_front(run)]
     episodes = load_episodes(run)
     best = load_best(run)
-    budget = load_run_config(run).env_config().macs_budget
+    env = load_run_config(run).env_config()
+    budget, reward = env.macs_budget, REWARD_NAMES[env.reward]
     out = run.child(REPORT_DIR)
     compare = _read_compare(run)
     written = []
@@ -47,7 +49,7 @@ def plot_run(run_dir) -> list[str]:
     if compare:
         ax.axhline(compare["rows"]["uniform"]["reward"], color="C2", linestyle="--",
                    label="best uniform")
-    ax.set(xlabel="episode", ylabel="reward-set accuracy", title="Reward over episodes")
+    ax.set(xlabel="episode", ylabel=reward, title="Reward over episodes")
     ax.legend(fontsize=8)
     written.append(_save(fig, out, "rewards.png"))
 
@@ -75,8 +77,8 @@ def plot_run(run_dir) -> list[str]:
     ax.scatter([best["macs_ratio"]], [best["accuracy"]], color="red", marker="*", s=120,
                label="best")
     ax.axvline(budget, color="grey", linestyle="--", label="MACs budget")
-    ax.set(xlabel="MACs share of the original", ylabel="reward-set accuracy",
-           title="Accuracy against MACs, every episode")
+    ax.set(xlabel="MACs share of the original", ylabel=reward,
+           title="Reward against MACs, every episode")
     ax.legend(fontsize=8)
     written.append(_save(fig, out, "accuracy_vs_macs.png"))
     return written
@@ -143,8 +145,9 @@ def plot_front(run: Location) -> str:
             "s--", label="uniform keep (best reconstruction)")
     for r in rows:
         ax.axvline(r["budget"], color="grey", linewidth=0.5, alpha=0.5)
-    ax.set(xlabel="MACs share of the original", ylabel="reward-set accuracy",
-           title="Accuracy against MACs: the sweep's front")
+    ax.set(xlabel="MACs share of the original",
+           ylabel=REWARD_NAMES[load_run_config(run).env_config().reward],
+           title="Reward against MACs: the sweep's front")
     ax.legend(fontsize=8)
     return _save(fig, run.child(REPORT_DIR), "front.png")
 

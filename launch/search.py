@@ -493,12 +493,14 @@ class ProgressLine(Callback):
                 / max(time.monotonic() - self.start, 1e-9) * 60)
         budget = (f", budget {stats['best_budget_ratio']:.3f}" if "best_budget_ratio" in stats
                   else "")
-        swept = result.get("config", {}).get("env_config", {}).get("macs_budget")
+        env = result.get("config", {}).get("env_config", {})
+        swept = env.get("macs_budget")
         prefix = f"[MACs {swept:g}] " if len(trials) > 1 and swept is not None else ""
         restarts = stats.get("env_runner_restarts", 0)
         line = (f"{prefix}iter {result.get('training_iteration', 0):4d} | episodes "
                 f"{done}/{self.episodes}"
-                f" | best acc {stats.get('best_accuracy', float('nan')):.4f}"
+                f" | best {'reward' if env.get('reward') == 'synthetic' else 'acc'} "
+                f"{stats.get('best_accuracy', float('nan')):.4f}"
                 f" @ MACs {stats.get('best_macs_ratio', float('nan')):.3f}{budget}"
                 f" | last mean {stats.get('accuracy_mean', float('nan')):.4f}"
                 f" | {rate:.1f} episodes/min" + (f" | {restarts} runner restarts" if restarts else ""))

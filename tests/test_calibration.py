@@ -14,7 +14,7 @@ from autodfp.errors import AutoDFPError
 from autodfp.measure.metrics import accuracy
 from autodfp.models import build_model
 from autodfp.pipeline import apply_strategy, load_base, uniform_strategy
-from autodfp.calibrate.synthetic import SynthConfig, generate, synthetic_images
+from autodfp.calibrate.synthetic import SynthConfig, cache_path, generate, synthetic_images
 
 TINY = SynthConfig(count=48, batch_size=48, steps=12)
 CALIB = CalibrationConfig(count=48, synth=TINY)
@@ -55,6 +55,19 @@ def test_synthetic_images_match_bn_statistics_and_are_deterministic(resnet20):
     assert torch.equal(images, generate(model, spec.input_size, TINY))
     other_seed = generate(model, spec.input_size, dataclasses.replace(TINY, seed=1))
     assert not torch.equal(images, other_seed)
+
+
+def test_bfloat16_synthesis_matches_bn_statistics_and_is_its_own_setting(resnet20):
+    model, spec = resnet20
+    low = dataclasses.replace(TINY, bfloat16=True)
+    images = generate(model, spec.input_size, low)
+    noise = torch.randn(48, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert images.dtype == torch.float32
+    assert bn_mismatch(model, images) < 0.7 * bn_mismatch(model, noise)
+    assert torch.equal(images, generate(model, spec.input_size, low))
+    assert cache_path(model, spec.input_size, low) != cache_path(model, spec.input_size, TINY)
+    with pytest.raises(AutoDFPError, match="bfloat16 must be true or false"):
+        SynthConfig(bfloat16="yes")
 
 
 def test_synthetic_images_are_read_back_from_the_cache(resnet20, monkeypatch):
