@@ -350,7 +350,9 @@ def main() -> int:
         atomic_write_text(args.out / f"search{suffix}.json", json.dumps(
             {"rows": rows, "throughput": speed, "run": str(run_dir), "env": env_config,
              "random_episodes_per_s": n / random_s}, indent=1))
-        plot(rows, args.out / f"search{suffix}.png", f"{budget}, {calibration}", env.config.model)
+        reward_note = "\nreward on synthetic images, no label" if env.config.reward == "synthetic" else ""
+        plot(rows, args.out / f"search{suffix}.png", f"{budget}, {calibration}{reward_note}",
+             env.config.model)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return 0

@@ -123,10 +123,11 @@ class RewardEvaluator:
                                   batch_size=self.batch_size)
 
     def kl_reward(self, model) -> float:
-        """``exp(-mean KL(unpruned || model))`` over the reward images."""
+        """``exp(-mean KL(unpruned || model))`` over the reward images (0 for a model whose
+        outputs are not finite)."""
         reference = self.reference
-        kl = (reference.exp() * (reference - self._log_probs(model))).sum(1).mean()
-        return math.exp(-float(kl))
+        kl = float((reference.exp() * (reference - self._log_probs(model))).sum(1).mean())
+        return math.exp(-kl) if math.isfinite(kl) else 0.0
 
     def score(self, model) -> tuple[int, int]:
         """(correct, images scored): every image, or the racing subset alone when the
