@@ -15,9 +15,9 @@
 - Reward (:mod:`envs.reward`): 0 on every step but the last, which gets the top-1 accuracy (a
   fraction) of the pruned, compensated and calibrated model on the reward split (training
   images), or with ``reward: synthetic`` how close its outputs stay to the unpruned model's
-  (``exp(-KL)``) on held-out synthetic images (no labelled image is read). Identical strategies are evaluated
-  once (cache); racing (``race_images``) scores a candidate that cannot reach the best rewards
-  so far on a seeded subset of the images only.
+  (``exp(-KL)``) on held-out synthetic images (no labelled image is read). Identical
+  strategies are evaluated once (cache); racing (``race_images``) scores a candidate that
+  cannot reach the best rewards so far on a seeded subset of the images only.
 - Calibration (``calibration``, default on): every candidate is calibrated as
   ``autodfp prune`` calibrates it (:mod:`autodfp.calibrate.refit`); the calibration images and the
   unpruned model's targets are made once per env, so an episode costs one calibration forward

@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from autodfp.errors import AutoDFPError
 from autodfp.settings import from_mapping
@@ -370,7 +369,7 @@ def _input_padding(conv: nn.Conv2d) -> tuple[int, int, int, int] | None:
 def _conv_patches(conv: nn.Conv2d, x: torch.Tensor, rows) -> torch.Tensor:
     """The im2col rows of ``x`` at the sampled output positions, in weight.view(O, -1) order
     (float64). One gather of (pixel, channels) vectors from a channels-last view, the padding
-    as a mask: 3x faster than padding a copy and gathering each tap (ResNet-56)."""
+    as a mask: about 1.5x faster than padding a copy and gathering each tap, the same values."""
     image, ys, xs = rows
     (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
     left, _, top, _ = _input_padding(conv)
