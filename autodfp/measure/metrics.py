@@ -215,28 +215,36 @@ def cpu_eval_batch_size(spec: ModelSpec) -> int:
     return max(4, min(128, 128 * 32 * 32 // pixels))
 
 
-@torch.inference_mode()
-def resident_correct(model: nn.Module, images: ResidentImages, spec: ModelSpec,
-                     start: int = 0, stop: int | None = None, *,
-                     batch_size: int | None = None, autocast: bool = False) -> int:
-    """How many of images ``start:stop`` the model classifies correctly (the model is put on
-    the images' device, in eval mode and their memory layout). ``autocast``: float16 on a GPU,
+def _resident_logits(model: nn.Module, images: ResidentImages, spec: ModelSpec, start: int,
+                     stop: int, batch_size: int | None, autocast: bool):
+    """The model's logits on images ``start:stop``, a batch at a time (the model is put on the
+    images' device, in eval mode and their memory layout). ``autocast``: float16 on a GPU,
     bfloat16 on a CPU, where the layers allow it."""
     device = images.device
     model = model.eval().to(device)
     if images.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    stop = len(images) if stop is None else stop
     batch_size = batch_size or (cpu_eval_batch_size(spec) if device.type == "cpu"
                                 else eval_batch_size(spec))
     dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    correct, classes = torch.zeros((), dtype=torch.int64, device=device), 0
     with torch.autocast(device.type, dtype=dtype, enabled=autocast):
         for begin in range(start, stop, batch_size):
             end = min(begin + batch_size, stop)
-            logits = model(images.batch(begin, end))
-            classes = logits.shape[1]
-            correct += (logits.argmax(1) == images.y[begin:end]).sum()
+            yield begin, end, model(images.batch(begin, end))
+
+
+@torch.inference_mode()
+def resident_correct(model: nn.Module, images: ResidentImages, spec: ModelSpec,
+                     start: int = 0, stop: int | None = None, *,
+                     batch_size: int | None = None, autocast: bool = False) -> int:
+    """How many of images ``start:stop`` the model classifies correctly (see
+    :func:`_resident_logits` for the layout and ``autocast``)."""
+    stop = len(images) if stop is None else stop
+    correct, classes = torch.zeros((), dtype=torch.int64, device=images.device), 0
+    for begin, end, logits in _resident_logits(model, images, spec, start, stop, batch_size,
+                                               autocast):
+        classes = logits.shape[1]
+        correct += (logits.argmax(1) == images.y[begin:end]).sum()
     _check_labels(images, classes, spec)
     return int(correct.item())
 
@@ -246,19 +254,9 @@ def resident_log_probs(model: nn.Module, images: ResidentImages, spec: ModelSpec
                        batch_size: int | None = None, autocast: bool = False) -> torch.Tensor:
     """The model's log-softmax outputs (float32, N x classes, on the images' device) on every
     image of ``images``, batched and laid out as :func:`resident_correct` scores them."""
-    device = images.device
-    model = model.eval().to(device)
-    if images.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    batch_size = batch_size or (cpu_eval_batch_size(spec) if device.type == "cpu"
-                                else eval_batch_size(spec))
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    out = []
-    with torch.autocast(device.type, dtype=dtype, enabled=autocast):
-        for begin in range(0, len(images), batch_size):
-            logits = model(images.batch(begin, min(begin + batch_size, len(images))))
-            out.append(torch.log_softmax(logits.float(), dim=1))
-    return torch.cat(out)
+    return torch.cat([torch.log_softmax(logits.float(), dim=1) for _, _, logits in
+                      _resident_logits(model, images, spec, 0, len(images), batch_size,
+                                       autocast)])
 
 
 def resident_accuracy(model: nn.Module, images: ResidentImages, spec: ModelSpec, *,
