@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from autodfp.calibrate.refit import CalibrationConfig, Calibrator, reestimate_batchnorm, ridge_fit
+from autodfp.calibrate.refit import (GRAM_BLOCK_COLUMNS, CalibrationConfig, Calibrator,
+                                     gram_matrix, reestimate_batchnorm, ridge_fit)
 from autodfp.data import load_unlabeled, reward_split
 from autodfp.errors import AutoDFPError
 from autodfp.measure.metrics import accuracy
@@ -105,6 +106,31 @@ def test_ridge_fit_recovers_a_linear_map_and_pulls_toward_the_prior():
     prior = torch.randn(4, 12, generator=g, dtype=torch.float64)
     pulled, _ = ridge_fit(x, x @ w.T + b, prior, 1e6, intercept=True)
     assert torch.allclose(pulled, prior, atol=1e-3)
+
+
+@pytest.mark.parametrize("columns", [1, GRAM_BLOCK_COLUMNS - 1, GRAM_BLOCK_COLUMNS,
+                                     2 * GRAM_BLOCK_COLUMNS + 7, 576])
+def test_blocked_gram_matrix_is_the_full_product(columns):
+    x = torch.randn(300, columns, generator=torch.Generator().manual_seed(columns),
+                    dtype=torch.float64)
+    gram = gram_matrix(x)
+    assert gram.shape == (columns, columns)
+    assert torch.allclose(gram, x.T @ x, rtol=1e-12, atol=1e-10)
+
+
+def test_calibration_leaves_the_models_memory_format_as_it_found_it(resnet20):
+    base = load_base(uniform_strategy("resnet20", 1.0))
+    strategy = uniform_strategy("resnet20", 0.5)
+    strategy.calibration = CALIB
+    plain = apply_strategy(strategy, (copy.deepcopy(base[0]), base[1])).model
+    assert all(p.is_contiguous() for p in plain.parameters())
+    calibrator = Calibrator.for_model(base[0], base[1], CALIB)
+    model = copy.deepcopy(base[0]).to(memory_format=torch.channels_last)
+    cl = apply_strategy(strategy, (model, base[1]), calibrator=calibrator).model
+    assert all(p.is_contiguous(memory_format=torch.channels_last)
+               for p in cl.parameters() if p.dim() == 4)
+    for (name, a), b in zip(plain.state_dict().items(), cl.state_dict().values()):
+        assert torch.equal(a, b), name  # the memory format a model arrives in changes nothing
 
 
 def test_refit_recovers_most_of_the_accuracy_lost_to_pruning(resnet20, lossless):
