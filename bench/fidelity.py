@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 from pathlib import Path
 
@@ -49,6 +50,8 @@ def main() -> None:
     parser.add_argument("--score-images", type=int, default=0, help="score on this many "
                                                                     "(seeded) images; 0: all")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, help="also write every strategy's scores and the "
+                                                   "correlations to this JSON file")
     args = parser.parse_args()
 
     template = uniform_strategy(args.model, 1.0, select=args.select, reconstruct="autodfp")
@@ -79,18 +82,28 @@ def main() -> None:
         pruned = apply_strategy(strategy, (copy.deepcopy(model), spec), calibrator=calibrator)
         fidelity = probe.estimate(pruned.model)
         acc = accuracy(pruned.model, images, spec)
-        rows.append((fidelity.agreement_percent, acc))
+        rows.append((fidelity.agreement_percent, fidelity.kl, acc))
         print(f"{i:3d}  agreement {fidelity.agreement_percent:6.2f} %  KL {fidelity.kl:7.3f}  "
               f"accuracy {acc:6.2f} %", flush=True)
-    agreement, acc = np.array(rows).T
+    agreement, kl, acc = np.array(rows).T
     rho = spearmanr(agreement, acc).statistic
+    rho_kl = spearmanr(kl, acc).statistic
     collapsed = acc < base_acc / 2
     warned = agreement < LOW_AGREEMENT_PERCENT
     print(f"Spearman rank correlation (agreement vs accuracy) over {len(rows)} strategies: "
-          f"{rho:.3f}")
+          f"{rho:.3f}; mean KL (the env's synthetic reward is exp(-KL)) vs accuracy: "
+          f"{rho_kl:.3f}")
     print(f"accuracy below half the unpruned: {int(collapsed.sum())}, of them warned "
           f"{int((collapsed & warned).sum())}; warned but not collapsed: "
           f"{int((warned & ~collapsed).sum())}")
+    if args.out:
+        from autodfp.io import atomic_write_text
+
+        atomic_write_text(args.out, json.dumps({
+            "args": {k: str(v) for k, v in vars(args).items()}, "unpruned_accuracy_percent":
+            base_acc, "spearman_agreement": rho, "spearman_kl": rho_kl,
+            "strategies": [{"agreement_percent": a, "kl": k, "accuracy_percent": c}
+                           for a, k, c in rows]}, indent=1))
 
 
 if __name__ == "__main__":
