@@ -6,8 +6,9 @@ import torch.nn as nn
 from autodfp.compress.graph import ChannelGraph
 from autodfp.measure.metrics import accuracy
 from autodfp.pipeline import apply_strategy, uniform_strategy
-from autodfp.compress.reconstruction import (BNStats, ReconstructionOptions, reconstruct,
-                                    relu_cross_moments, relu_mean)
+from autodfp.compress.reconstruction import (BNStats, ContentMemo, ReconstructionOptions,
+                                             reconstruct, relu_covariance, relu_cross_moments,
+                                             relu_mean)
 
 
 def tiny_model(seed=0):
@@ -79,6 +80,31 @@ def tiny_model_like(model):
     clone = tiny_model()
     clone.load_state_dict(model.state_dict())
     return clone.eval()
+
+
+def test_moment_memo_hits_on_equal_arrays_misses_on_changed_ones_and_keeps_to_its_budget():
+    model = tiny_model()
+    filters = model[0].weight.detach().double().reshape(8, -1).numpy()
+    bn = BNStats.of(model[1])
+    calls = []
+
+    def compute(f=filters):
+        calls.append(1)
+        return relu_covariance(f, bn)
+
+    cov = relu_covariance(filters, bn)[0]
+    memo = ContentMemo(max_bytes=2 * sum(a.nbytes for a in relu_covariance(filters, bn)))
+    first = memo.get((filters, bn.gamma), compute)
+    again = memo.get((filters.copy(), bn.gamma.copy()), compute)  # equal content, other arrays
+    assert len(calls) == 1 and again is first and np.array_equal(first[0], cov)
+    assert not first[0].flags.writeable  # a caller cannot corrupt the shared result
+    changed = filters.copy()
+    changed[0, 0] += 1e-9
+    memo.get((changed, bn.gamma), lambda: compute(changed))
+    assert len(calls) == 2  # a changed producer is recomputed, never a stale hit
+    memo.get((filters + 1, bn.gamma), lambda: compute(filters + 1))  # evicts the oldest
+    memo.get((filters, bn.gamma), compute)
+    assert len(calls) == 4 and len(memo._results) == 2
 
 
 def test_rectified_gaussian_moments_match_monte_carlo():

@@ -37,6 +37,8 @@ Methods (:data:`METHODS`):
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -206,6 +208,52 @@ def relu_cross_moments(mean: np.ndarray, sd: np.ndarray, rho: np.ndarray) -> np.
     return (np.maximum(aj, 0.0) * inner) @ _WEIGHTS
 
 
+def relu_covariance(filters: np.ndarray, bn: BNStats
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Covariance and mean of the producer's ReLU activations under UDFC's Gaussian model (see
+    :func:`udfc`), and the correlations ``rho`` of the BN outputs they come from."""
+    mean, sd = bn.activation_gaussian()
+    rho = cosine_similarity_matrix(filters) * np.sign(bn.gamma)[:, None] * np.sign(bn.gamma)[None]
+    first = relu_mean(mean, sd)
+    return relu_cross_moments(mean, sd, rho) - np.outer(first, first), first, rho
+
+
+class ContentMemo:
+    """Results of a pure function of arrays, keyed by the arrays' bytes (a BLAKE2 digest), the
+    least recently used dropped beyond ``max_bytes`` of results. A search prunes the same
+    unpruned producers every episode; their ReLU moments (an n x n x 64-node quadrature per
+    group, ~0.06 s of a ResNet-56 episode) are then computed once, and a changed array (a
+    producer an earlier compensation rewrote) is a new key, never a stale hit."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._results: OrderedDict[bytes, tuple[np.ndarray, ...]] = OrderedDict()
+        self._bytes = 0
+
+    def get(self, arrays: tuple[np.ndarray, ...], compute) -> tuple[np.ndarray, ...]:
+        digest = hashlib.blake2b(digest_size=20)
+        for array in arrays:
+            digest.update(repr((array.dtype.str, array.shape)).encode())
+            digest.update(np.ascontiguousarray(array).tobytes())
+        key = digest.digest()
+        if key in self._results:
+            self._results.move_to_end(key)
+            return self._results[key]
+        result = compute()
+        for array in result:
+            array.flags.writeable = False  # shared by every later hit
+        size = sum(a.nbytes for a in result)
+        if size <= self.max_bytes:
+            self._results[key] = result
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                self._bytes -= sum(a.nbytes for a in self._results.popitem(last=False)[1])
+        return result
+
+
+_RELU_MOMENTS = ContentMemo(max_bytes=256 << 20)
+
+
 def udfc(filters: np.ndarray, keep: np.ndarray, bn: BNStats,
          options: ReconstructionOptions) -> Compensation:
     """Least-squares re-expression of each pruned activation through kept activations.
@@ -216,11 +264,8 @@ def udfc(filters: np.ndarray, keep: np.ndarray, bn: BNStats,
     ``c0 = E h_p - c . E h_K`` minimise ``E (h_p - c0 - c . h_K)^2``.
     """
     n = len(filters)
-    mean, sd = bn.activation_gaussian()
-    rho = cosine_similarity_matrix(filters) * np.sign(bn.gamma)[:, None] * np.sign(bn.gamma)[None]
-    second = relu_cross_moments(mean, sd, rho)
-    first = relu_mean(mean, sd)
-    cov = second - np.outer(first, first)
+    cov, first, rho = _RELU_MOMENTS.get((filters, bn.gamma, bn.beta, bn.var, np.array(bn.eps)),
+                                        lambda: relu_covariance(filters, bn))
     merge = np.zeros((n, len(keep)))
     shift = np.zeros(n)
     partners = options.udfc_partners or len(keep)
