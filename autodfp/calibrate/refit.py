@@ -349,7 +349,9 @@ def ridge_fit(x: torch.Tensor, y: torch.Tensor, w0: torch.Tensor, ridge: float,
     lam = ridge * max(float(torch.diagonal(gram).mean()), 1e-12)
     rhs = x.T @ y + lam * w0.T
     gram.diagonal().add_(lam)
-    weight = torch.linalg.solve(gram, rhs).T
+    factor, info = torch.linalg.cholesky_ex(gram)  # half an LU's work; the ridge makes it SPD
+    weight = (torch.cholesky_solve(rhs, factor) if int(info) == 0
+              else torch.linalg.solve(gram, rhs)).T
     bias = (y_mean - x_mean @ weight.T) if intercept else torch.zeros(weight.shape[0],
                                                                       dtype=torch.float64)
     return weight.contiguous(), bias
@@ -417,7 +419,8 @@ def _conv_patches(conv: nn.Conv2d, x: torch.Tensor, rows) -> torch.Tensor:
     pixels = x.permute(0, 2, 3, 1)[image[:, None], y.clamp(0, height - 1),
                                    x_.clamp(0, width - 1)]  # (rows, taps, channels)
     patches = torch.where(inside[..., None], pixels, 0.0)  # exact in the input's dtype
-    return patches.transpose(1, 2).reshape(len(image), channels * kh * kw).double()
+    out = torch.empty(len(image), channels, kh * kw, dtype=torch.float64)
+    return out.copy_(patches.transpose(1, 2)).reshape(len(image), channels * kh * kw)
 
 
 @torch.no_grad()
