@@ -28,8 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> None:
-    from scipy.stats import spearmanr
-
     from autodfp.calibrate.refit import Calibrator, default_calibration
     from autodfp.data import load_split, load_user_data
     from autodfp.measure.fidelity import LOW_AGREEMENT_PERCENT, FidelityProbe
@@ -85,9 +83,9 @@ def main() -> None:
         rows.append((fidelity.agreement_percent, fidelity.kl, acc))
         print(f"{i:3d}  agreement {fidelity.agreement_percent:6.2f} %  KL {fidelity.kl:7.3f}  "
               f"accuracy {acc:6.2f} %", flush=True)
+        write_results(args, base_acc, rows)
     agreement, kl, acc = np.array(rows).T
-    rho = spearmanr(agreement, acc).statistic
-    rho_kl = spearmanr(kl, acc).statistic
+    rho, rho_kl = write_results(args, base_acc, rows)
     collapsed = acc < base_acc / 2
     warned = agreement < LOW_AGREEMENT_PERCENT
     print(f"Spearman rank correlation (agreement vs accuracy) over {len(rows)} strategies: "
@@ -96,6 +94,17 @@ def main() -> None:
     print(f"accuracy below half the unpruned: {int(collapsed.sum())}, of them warned "
           f"{int((collapsed & warned).sum())}; warned but not collapsed: "
           f"{int((warned & ~collapsed).sum())}")
+
+
+def write_results(args, base_acc: float, rows: list[tuple[float, float, float]]
+                  ) -> tuple[float, float]:
+    """Spearman of the agreement and of the KL against accuracy; with ``--out``, every row and
+    both written (after each strategy, so a stopped run keeps what it measured)."""
+    from scipy.stats import spearmanr
+
+    agreement, kl, acc = np.array(rows).T
+    rho = spearmanr(agreement, acc).statistic if len(rows) > 1 else float("nan")
+    rho_kl = spearmanr(kl, acc).statistic if len(rows) > 1 else float("nan")
     if args.out:
         from autodfp.io import atomic_write_text
 
@@ -104,6 +113,7 @@ def main() -> None:
             base_acc, "spearman_agreement": rho, "spearman_kl": rho_kl,
             "strategies": [{"agreement_percent": a, "kl": k, "accuracy_percent": c}
                            for a, k, c in rows]}, indent=1))
+    return rho, rho_kl
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import torch.nn as nn
 from autodfp.calibrate.refit import (DEFAULT_CALIBRATION, _conv_patches, _refittable,
                                      default_calibration, sample_positions)
 from autodfp.errors import AutoDFPError
-from autodfp.measure.fidelity import LOW_AGREEMENT_PERCENT, estimate
+from autodfp.measure.fidelity import LOW_AGREEMENT_PERCENT, FidelityProbe, log_probs
 from autodfp.calibrate.synthetic import SynthConfig, default_config, generate
 from tests.conftest import run_cli
 
@@ -145,13 +145,15 @@ def test_a_bad_synthetic_setting_in_a_strategy_file_is_one_error_line(tmp_path):
 def test_estimate_of_a_model_against_itself_and_a_broken_copy():
     model = TinyBNNet().eval()
     images = torch.randn(32, 3, 16, 16)
-    same = estimate(model, model, images)
+    probe = FidelityProbe(log_probs(model, images), images)
+    same = probe.estimate(model)
     assert same.agreement_percent == 100.0 and same.kl < 1e-6 and not same.low
+    assert all(p.is_contiguous() for p in model.parameters())  # channels-last only inside
     broken = TinyBNNet().eval()
     with torch.no_grad():
         broken.body[-1].weight.zero_()
         broken.body[-1].bias.copy_(torch.arange(5.0))  # always class 4
-    worse = estimate(model, broken, images)
+    worse = probe.estimate(broken)
     assert worse.classes_predicted == 1 and worse.agreement_percent < 100.0
 
 

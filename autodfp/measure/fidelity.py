@@ -10,7 +10,6 @@ measured in ``docs/calibration.md``.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from dataclasses import dataclass
 
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 
 from autodfp.errors import AutoDFPError
 from autodfp.calibrate.synthetic import SynthConfig, default_config, synthetic_images
+from autodfp.models import forward_channels_last
 
 FIDELITY_IMAGES = 64
 """Held-out synthetic images the estimate uses by default."""
@@ -28,11 +28,11 @@ LOW_AGREEMENT_PERCENT = 25.0
 uncalibrated strategies, ``bench/fidelity.py``) every strategy below it had lost at least 31
 points of accuracy, and none above it had collapsed; see docs/calibration.md."""
 SEED_OFFSET = 1
+"""The held-out images' seed is the calibration images' seed plus this: other noise, other
+jitter, never the refit's images."""
 REWARD_SEED_OFFSET = 2
 """A search's synthetic reward images use the calibration seed + 2: never the refit's images
 (seed + 0) nor the fidelity estimate's (seed + 1)."""
-"""The held-out images' seed is the calibration images' seed plus this: other noise, other
-jitter, never the refit's images."""
 
 
 @dataclass(frozen=True)
@@ -109,11 +109,12 @@ def agreement_set(model: nn.Module, spec, synth: SynthConfig, count: int, *,
 
 
 class FidelityProbe:
-    """The unpruned model (a copy) and its held-out synthetic images: made before a prune
-    changes the model in place, to estimate the pruned model's fidelity after it."""
+    """The unpruned model's log-probabilities on held-out synthetic images, computed when the
+    probe is made (before a prune changes the model in place), to estimate a pruned model's
+    fidelity after it: each estimate runs the pruned model alone."""
 
-    def __init__(self, base_model: nn.Module, images: torch.Tensor):
-        self.base_model = base_model
+    def __init__(self, reference: torch.Tensor, images: torch.Tensor):
+        self.reference = reference
         self.images = images
 
     @classmethod
@@ -125,31 +126,24 @@ class FidelityProbe:
         synth = (calibration.synth if calibration is not None and calibration.images == "synthetic"
                  else default_config(spec.input_size))
         images = fidelity_images(model, spec, synth, count=count, progress=progress)
-        return cls(copy.deepcopy(model).eval(), images)
+        return cls(log_probs(model, images), images)
 
     def estimate(self, pruned: nn.Module) -> Fidelity:
-        return estimate(self.base_model, pruned, self.images)
+        """Top-1 agreement and KL of ``pruned`` against the unpruned model."""
+        candidate = log_probs(pruned, self.images)
+        top = candidate.argmax(1)
+        n = len(self.images)
+        agree = int((self.reference.argmax(1) == top).sum())
+        kl = float(F.kl_div(candidate, self.reference, log_target=True, reduction="sum"))
+        return Fidelity(n, 100.0 * agree / n, kl / n, int(top.unique().numel()))
 
 
-@torch.inference_mode()
-def estimate(base: nn.Module, pruned: nn.Module, images: torch.Tensor,
-             batch_size: int = 64) -> Fidelity:
-    """Top-1 agreement and KL of ``pruned`` against ``base`` on normalised ``images``."""
-    agree, kl, predicted = 0, 0.0, []
-    base_was, pruned_was = base.training, pruned.training
-    base.eval()
-    pruned.eval()
+@torch.no_grad()  # not inference_mode: the model's memory-format copies must stay usable
+def log_probs(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Log-softmax outputs (float32) of ``model`` in eval mode on normalised ``images``."""
+    was = model.training
     try:
-        for start in range(0, len(images), batch_size):
-            x = images[start:start + batch_size]
-            reference = F.log_softmax(base(x).float(), dim=1)
-            candidate = F.log_softmax(pruned(x).float(), dim=1)
-            top = candidate.argmax(1)
-            agree += int((reference.argmax(1) == top).sum())
-            kl += float(F.kl_div(candidate, reference, log_target=True, reduction="sum"))
-            predicted.append(top)
+        logits = forward_channels_last(model.eval(), images, batch_size)
     finally:
-        base.train(base_was)
-        pruned.train(pruned_was)
-    n = len(images)
-    return Fidelity(n, 100.0 * agree / n, kl / n, int(torch.cat(predicted).unique().numel()))
+        model.train(was)
+    return F.log_softmax(logits.float(), dim=1)
