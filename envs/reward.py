@@ -19,6 +19,7 @@ from autodfp.data import ImageSet
 from autodfp.errors import AutoDFPError
 from autodfp.measure.metrics import (ResidentImages, fold_batchnorm, resident_correct,
                                      resident_log_probs)
+from autodfp.models import accepts_channels_last
 from autodfp.pipeline import apply_strategy
 from autodfp.strategy import Strategy
 
@@ -69,8 +70,8 @@ def wilson_upper(correct: int, total: int, z: float = RACE_Z) -> float:
 class RewardEvaluator:
     """The ``objective`` (:data:`OBJECTIVES`) of the pruned, compensated and calibrated model
     on the reward images, kept resident on the device (normalised once). The pruned copy is
-    scored with its BatchNorms folded (``fold_batchnorm``), in channels-last layout, at the
-    CPU's fastest batch; ``racing`` stops the hopeless early (top-1 accuracy only: the KL
+    scored with its BatchNorms folded (``fold_batchnorm``), in channels-last layout (unless the
+    model's forward needs NCHW), at the CPU's fastest batch; ``racing`` stops the hopeless early (top-1 accuracy only: the KL
     scores every image)."""
 
     def __init__(self, base_model, spec, images: ImageSet, calibrator: Calibrator | None,
@@ -90,6 +91,8 @@ class RewardEvaluator:
         self.autocast, self.fold, self.batch_size = autocast, fold_batchnorm, batch_size
         self.racing = racing if racing and racing.first_images < len(images) else None
         order = np.random.default_rng(RACE_SEED).permutation(len(images)) if self.racing else None
+        channels_last = channels_last and accepts_channels_last(base_model.eval(),
+                                                                spec.example_input())
         self.resident = ResidentImages(images, spec, self.device, channels_last=channels_last,
                                        order=order)
         self.reference = (self._log_probs(copy.deepcopy(base_model)) if objective == "kl"

@@ -15,7 +15,7 @@ from autodfp import AutoDFPError
 from autodfp.models import build_model, weights_sha256
 from autodfp.strategy import Strategy
 from tests.conftest import ROOT
-from tests.user_models import NeedsArguments, SmallCNN
+from tests.user_models import NeedsArguments, SmallCNN, ViewNet
 
 X = torch.randn(1, 3, 32, 32)
 FAST_CALIBRATION = {"order": "refit", "count": 32, "synth": {"steps": 5}}
@@ -128,6 +128,16 @@ def test_a_collapsed_prune_warns_and_a_mild_one_does_not():
         warnings.simplefilter("error", UserWarning)
         mild = autodfp.prune(model, X, keep=0.95, fidelity_images=32)
     assert not mild.fidelity.low
+
+
+def test_a_model_whose_forward_needs_nchw_is_calibrated_and_estimated_in_nchw():
+    from autodfp.models import accepts_channels_last
+
+    model = ViewNet().eval()
+    assert not accepts_channels_last(model, X) and accepts_channels_last(SmallCNN().eval(), X)
+    pruned = autodfp.prune(model, X, keep=0.5, calibration=FAST_CALIBRATION, fidelity_images=8)
+    assert pruned.refitted and pruned.fidelity.images == 8
+    assert all(p.is_contiguous() for p in pruned.model.parameters())
 
 
 def test_a_calibration_on_a_tensor_replays_only_with_the_same_tensor(lossless):

@@ -189,6 +189,18 @@ def test_strategy_crosses_a_vector_env_with_underscored_layer_names():
     envs.close()
 
 
+def test_a_model_whose_forward_needs_nchw_is_scored_and_calibrated_in_nchw():
+    env = AutoDFPEnv({"model": "tests.user_models:ViewNet", "reward_size": 40,
+                      "calibration": {"count": 16, "synth": {"steps": 2}}, "macs_budget": 0.8,
+                      "keep_lower": 0.5})  # channels_last: true, the default
+    assert not env.reward.resident.channels_last and not env.reward.calibrator.channels_last
+    env.reset(seed=0)
+    done = False
+    while not done:
+        _, reward, done, _, info = env.step(np.full(2, 0.5, dtype=np.float32))
+    assert 0.0 <= reward <= 1.0 and info["timing"]["calibrate_s"] > 0
+
+
 def test_images_resident_on_the_device_score_as_the_batched_path():
     """The GPU path (images normalised once, kept on the device; channels-last; autocast),
     run on the CPU: the same accuracy as `accuracy`, image for image."""

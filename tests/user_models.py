@@ -100,3 +100,22 @@ class SmallCNN(nn.Module):
 class NeedsArguments(SmallCNN):
     def __init__(self, width: int):
         super().__init__()
+
+
+class ViewNet(SmallCNN):
+    """Flattens a 16x16 conv output with ``.view``, which a channels-last tensor refuses."""
+
+    def __init__(self):
+        super().__init__()
+        import torch
+
+        self.features = self.features[:-2]
+        self.classifier = nn.Linear(32 * 16 * 16, 10)
+        with torch.no_grad():  # seeded, as the factory's weights must be the same every call
+            self.classifier.weight.copy_(torch.randn(10, 32 * 16 * 16, generator=torch.Generator()
+                                                     .manual_seed(1)) * 0.01)
+            self.classifier.bias.zero_()
+
+    def forward(self, x):
+        out = self.features(x)
+        return self.classifier(out.view(out.size(0), -1))

@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 
 from autodfp.errors import AutoDFPError
-from autodfp.models import forward_channels_last
+from autodfp.models import accepts_channels_last, forward_channels_last
 from autodfp.settings import from_mapping
 from autodfp.calibrate.synthetic import SynthConfig
 
@@ -166,6 +166,9 @@ class Calibrator:
         self.images = images
         self.following_bn = following_bn
         self.targets: dict[str, _Target] = {}
+        self.channels_last = accepts_channels_last(base_model.eval(), images[:1])
+        """The refit's forward passes run in channels-last layout (NCHW for a model whose
+        forward cannot)."""
         if config.refit:
             self._compute_targets(base_model, layers)
 
@@ -197,6 +200,12 @@ class Calibrator:
                 following[name] = names[bn] if bn is not None else None
         return cls(model, images, config, layers, following)
 
+    def _forward(self, model: nn.Module) -> None:
+        if self.channels_last:
+            forward_channels_last(model, self.images)
+        else:
+            model(self.images)
+
     # -- targets ------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -208,7 +217,7 @@ class Calibrator:
                 continue
             handles.append(module.register_forward_hook(self._target_hook(name, generator)))
         try:
-            forward_channels_last(model.eval(), self.images)
+            self._forward(model.eval())
         finally:
             for h in handles:
                 h.remove()
@@ -270,7 +279,7 @@ class Calibrator:
             return done
         was_training = model.training
         try:
-            forward_channels_last(model.eval(), self.images)
+            self._forward(model.eval())
         finally:
             for h in handles:
                 h.remove()

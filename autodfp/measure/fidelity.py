@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from autodfp.errors import AutoDFPError
 from autodfp.calibrate.synthetic import SynthConfig, default_config, synthetic_images
-from autodfp.models import forward_channels_last
+from autodfp.models import accepts_channels_last, forward_channels_last
 
 FIDELITY_IMAGES = 64
 """Held-out synthetic images the estimate uses by default."""
@@ -113,9 +113,10 @@ class FidelityProbe:
     probe is made (before a prune changes the model in place), to estimate a pruned model's
     fidelity after it: each estimate runs the pruned model alone."""
 
-    def __init__(self, reference: torch.Tensor, images: torch.Tensor):
+    def __init__(self, reference: torch.Tensor, images: torch.Tensor, channels_last: bool = True):
         self.reference = reference
         self.images = images
+        self.channels_last = channels_last
 
     @classmethod
     def make(cls, model: nn.Module, spec, calibration=None, *, count: int = FIDELITY_IMAGES,
@@ -126,11 +127,12 @@ class FidelityProbe:
         synth = (calibration.synth if calibration is not None and calibration.images == "synthetic"
                  else default_config(spec.input_size))
         images = fidelity_images(model, spec, synth, count=count, progress=progress)
-        return cls(log_probs(model, images), images)
+        channels_last = accepts_channels_last(model.eval(), images[:1])
+        return cls(log_probs(model, images, channels_last=channels_last), images, channels_last)
 
     def estimate(self, pruned: nn.Module) -> Fidelity:
         """Top-1 agreement and KL of ``pruned`` against the unpruned model."""
-        candidate = log_probs(pruned, self.images)
+        candidate = log_probs(pruned, self.images, channels_last=self.channels_last)
         top = candidate.argmax(1)
         n = len(self.images)
         agree = int((self.reference.argmax(1) == top).sum())
@@ -139,11 +141,14 @@ class FidelityProbe:
 
 
 @torch.no_grad()  # not inference_mode: the model's memory-format copies must stay usable
-def log_probs(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+def log_probs(model: nn.Module, images: torch.Tensor, batch_size: int = 64, *,
+              channels_last: bool = True) -> torch.Tensor:
     """Log-softmax outputs (float32) of ``model`` in eval mode on normalised ``images``."""
     was = model.training
     try:
-        logits = forward_channels_last(model.eval(), images, batch_size)
+        logits = (forward_channels_last(model.eval(), images, batch_size) if channels_last
+                  else torch.cat([model.eval()(images[start:start + batch_size])
+                                  for start in range(0, len(images), batch_size)]))
     finally:
         model.train(was)
     return F.log_softmax(logits.float(), dim=1)

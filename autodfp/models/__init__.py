@@ -171,6 +171,17 @@ def forward_channels_last(model: nn.Module, images: torch.Tensor,
             model.to(memory_format=torch.contiguous_format)
 
 
+def accepts_channels_last(model: nn.Module, example: torch.Tensor) -> bool:
+    """Whether ``model`` runs on channels-last input: a forward that calls ``.view`` on a conv
+    output with more than one pixel does not (it raises), and such a model is run in NCHW."""
+    try:
+        with torch.no_grad():
+            forward_channels_last(model, example)
+    except RuntimeError:
+        return False
+    return True
+
+
 def _import_factory(target: str) -> Callable[[], nn.Module]:
     module_name, _, attr = target.partition(":")
     try:
