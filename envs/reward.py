@@ -71,8 +71,8 @@ class RewardEvaluator:
     """The ``objective`` (:data:`OBJECTIVES`) of the pruned, compensated and calibrated model
     on the reward images, kept resident on the device (normalised once). The pruned copy is
     scored with its BatchNorms folded (``fold_batchnorm``), in channels-last layout (unless the
-    model's forward needs NCHW), at the CPU's fastest batch; ``racing`` stops the hopeless early (top-1 accuracy only: the KL
-    scores every image)."""
+    model's forward needs NCHW), at the CPU's fastest batch; ``racing`` stops the hopeless
+    early (top-1 accuracy only: the KL scores every image)."""
 
     def __init__(self, base_model, spec, images: ImageSet, calibrator: Calibrator | None,
                  quant_images=None, *, device: str = "auto", channels_last: bool = True,

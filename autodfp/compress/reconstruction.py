@@ -222,7 +222,8 @@ class ContentMemo:
     """Results of a pure function of arrays, keyed by the arrays' bytes (a BLAKE2 digest), the
     least recently used dropped beyond ``max_bytes`` of results. A search prunes the same
     unpruned producers every episode; their ReLU moments (an n x n x 64-node quadrature per
-    group, ~0.06 s of a ResNet-56 episode) are then computed once, and a changed array (a
+    group: 0.36 -> 0.18 s of surgery per ResNet-56 episode on one thread; 14 -> 5 s on
+    EfficientNet-Lite1) are then computed once, and a changed array (a
     producer an earlier compensation rewrote) is a new key, never a stale hit."""
 
     def __init__(self, max_bytes: int):
