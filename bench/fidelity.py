@@ -12,6 +12,9 @@ caught.
         --select contribution \\
         --data ../shared/data/imagenette/imagenette2_val_224px.tar \\
         --class-index ../shared/data/imagenette/imagenet_class_index.json --score-images 400
+
+``--out FILE`` writes the scores after every strategy; ``--resume`` with the same arguments
+measures only the strategies FILE does not hold yet.
 """
 
 from __future__ import annotations
@@ -50,7 +53,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="also write every strategy's scores and the "
                                                    "correlations to this JSON file")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the strategies --out already holds (same arguments) and "
+                             "measure only the rest")
     args = parser.parse_args()
+    done = resumed_rows(args) if args.resume else []
 
     template = uniform_strategy(args.model, 1.0, select=args.select, reconstruct="autodfp")
     model, spec = load_base(template)
@@ -71,11 +78,13 @@ def main() -> None:
     print(f"{args.model}: unpruned {base_acc:.2f} % on {len(images)} {images.name}; "
           f"calibration {args.calib}; {args.fidelity_images} held-out synthetic images")
     rng = np.random.default_rng(args.seed)
-    rows = []
+    rows = done[:args.strategies]
     for i in range(args.strategies):
         strategy = copy.deepcopy(template)
         strategy.layers = {name: LayerAction(float(rng.uniform(args.low, 1.0)), 1.0)
                            for name in template.layers}
+        if i < len(rows):
+            continue  # measured in the run resumed (its keeps drawn to keep the seed's order)
         strategy.calibration = calibrator.config if calibrator else None
         pruned = apply_strategy(strategy, (copy.deepcopy(model), spec), calibrator=calibrator)
         fidelity = probe.estimate(pruned.model)
@@ -94,6 +103,23 @@ def main() -> None:
     print(f"accuracy below half the unpruned: {int(collapsed.sum())}, of them warned "
           f"{int((collapsed & warned).sum())}; warned but not collapsed: "
           f"{int((warned & ~collapsed).sum())}")
+
+
+RESULT_ARGS = ("model", "low", "calib", "select", "fidelity_images", "data", "class_index",
+               "score_images", "seed")
+"""The arguments a resumed run must share with the one that wrote ``--out``."""
+
+
+def resumed_rows(args) -> list[tuple[float, float, float]]:
+    """The rows ``--out`` holds, if it was written with the same :data:`RESULT_ARGS`."""
+    if not args.out or not args.out.is_file():
+        return []
+    saved = json.loads(args.out.read_text())
+    differ = [k for k in RESULT_ARGS if saved["args"].get(k) != str(getattr(args, k))]
+    if differ:
+        raise SystemExit(f"error: {args.out} was written with other {', '.join(differ)}; "
+                         "not resuming it")
+    return [(r["agreement_percent"], r["kl"], r["accuracy_percent"]) for r in saved["strategies"]]
 
 
 def write_results(args, base_acc: float, rows: list[tuple[float, float, float]]

@@ -245,6 +245,9 @@ def main() -> int:
                              "held-out synthetic images, no labelled image read")
     parser.add_argument("--mixed-precision", action="store_true",
                         help="joint pruning + bits under a weight-size budget (MIXED_ENV)")
+    parser.add_argument("--no-random", action="store_true",
+                        help="SAC and the baselines only, no random search (e.g. a second SAC "
+                             "run with another env setting)")
     parser.add_argument("--random-only", action="store_true",
                         help="run the random search alone (--episodes of them) into --random-file")
     args = parser.parse_args()
@@ -293,7 +296,8 @@ def main() -> int:
         n = len(sac)
         env = AutoDFPEnv(env_config)
         milestones = sorted({m for m in (10, 25, 50, 100, 200, 400, 800, n) if m <= n})
-        rand, random_s = load_or_run_random(env, n, args.random_file)
+        rand, random_s = (([], 0.0) if args.no_random
+                          else load_or_run_random(env, n, args.random_file))
         uniform = uniform_search(env)
         tests = [load_split("test-lossless"), load_split("test-jpeg")]
         known: dict[str, dict] = {}
@@ -340,7 +344,9 @@ def main() -> int:
             print(f"| {r['method']} | {r['episodes']} | {r['reward']:.4f} | {r['lossless']:.2f} | "
                   f"{r['jpeg']:.2f} | {r['macs_ratio']:.3f} |"
                   + (f" {r['budget_ratio']:.3f} |" if env.quant else ""))
-        print(f"\nrandom search: {n / random_s:.2f} episodes/s (env alone, no RLlib)\n", flush=True)
+        if rand:
+            print(f"\nrandom search: {n / random_s:.2f} episodes/s (env alone, no RLlib)\n",
+                  flush=True)
 
         speed = [throughput(int(r), args.throughput_episodes, env_config,
                             scratch / "throughput")
@@ -349,7 +355,7 @@ def main() -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(args.out / f"search{suffix}.json", json.dumps(
             {"rows": rows, "throughput": speed, "run": str(run_dir), "env": env_config,
-             "random_episodes_per_s": n / random_s}, indent=1))
+             "random_episodes_per_s": n / random_s if rand else None}, indent=1))
         reward_note = "\nreward on synthetic images, no label" if env.config.reward == "synthetic" else ""
         plot(rows, args.out / f"search{suffix}.png", f"{budget}, {calibration}{reward_note}",
              env.config.model)
@@ -383,7 +389,8 @@ def plot(rows: list[dict], path: Path, subtitle: str, model: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in ("SAC", "random"):
         pts = [(r["episodes"], r["lossless"]) for r in rows if r["method"] == method]
-        ax.plot(*zip(*pts), marker="o", label=method)
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=method)
     for baseline, style in zip((r for r in rows if r["episodes"] == 0), ("--", ":")):
         ax.axhline(baseline["lossless"], color="grey", linestyle=style,
                    label=baseline["method"].split(" (")[0])

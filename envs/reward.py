@@ -17,8 +17,9 @@ import numpy as np
 from autodfp.calibrate.refit import Calibrator
 from autodfp.data import ImageSet
 from autodfp.errors import AutoDFPError
-from autodfp.measure.metrics import (ResidentImages, fold_batchnorm, resident_correct,
-                                     resident_log_probs)
+from autodfp.measure.fidelity import mean_kl
+from autodfp.measure.metrics import (ResidentImages, batchnorm_fold_plan, fold_batchnorm,
+                                     resident_correct, resident_log_probs)
 from autodfp.models import accepts_channels_last
 from autodfp.pipeline import apply_strategy
 from autodfp.strategy import Strategy
@@ -88,7 +89,8 @@ class RewardEvaluator:
         self.calibrator = calibrator
         self.quant_images = quant_images
         self.device = resolve_device(device)
-        self.autocast, self.fold, self.batch_size = autocast, fold_batchnorm, batch_size
+        self.autocast, self.batch_size = autocast, batch_size
+        self.fold_plan = batchnorm_fold_plan(base_model) if fold_batchnorm else None
         self.racing = racing if racing and racing.first_images < len(images) else None
         order = np.random.default_rng(RACE_SEED).permutation(len(images)) if self.racing else None
         channels_last = channels_last and accepts_channels_last(base_model.eval(),
@@ -120,22 +122,25 @@ class RewardEvaluator:
                                     eval_s=time.perf_counter() - middle, scored_images=scored)
         return self.cache[key]
 
+    def _folded(self, model):
+        return model if self.fold_plan is None else fold_batchnorm(model, self.fold_plan,
+                                                                   inplace=True)
+
     def _log_probs(self, model) -> "torch.Tensor":
-        model = fold_batchnorm(model, inplace=True) if self.fold else model
+        model = self._folded(model)
         return resident_log_probs(model, self.resident, self.spec, autocast=self.autocast,
                                   batch_size=self.batch_size)
 
     def kl_reward(self, model) -> float:
         """``exp(-mean KL(unpruned || model))`` over the reward images (0 for a model whose
         outputs are not finite)."""
-        reference = self.reference
-        kl = float((reference.exp() * (reference - self._log_probs(model))).sum(1).mean())
+        kl = mean_kl(self.reference, self._log_probs(model))
         return math.exp(-kl) if math.isfinite(kl) else 0.0
 
     def score(self, model) -> tuple[int, int]:
         """(correct, images scored): every image, or the racing subset alone when the
         candidate cannot reach the top k."""
-        model = fold_batchnorm(model, inplace=True) if self.fold else model
+        model = self._folded(model)
         count = partial(resident_correct, model, self.resident, self.spec,
                         autocast=self.autocast, batch_size=self.batch_size)
         total = len(self.resident)

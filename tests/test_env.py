@@ -1,3 +1,5 @@
+import copy
+
 import numpy as np
 import torch
 import pytest
@@ -7,7 +9,7 @@ from autodfp.data import reward_split
 from autodfp.errors import AutoDFPError
 from autodfp.measure.metrics import accuracy, model_cost
 from autodfp.models import build_model
-from autodfp.pipeline import apply_strategy
+from autodfp.pipeline import apply_strategy, uniform_layers
 from autodfp.strategy import Strategy
 from envs.autodfp_env import AutoDFPEnv
 
@@ -282,6 +284,45 @@ def test_folded_batchnorm_scores_as_the_model_and_leaves_no_batchnorm():
     resident = ResidentImages(images, spec, "cpu", channels_last=True)
     assert abs(resident_correct(folded, resident, spec)
                - accuracy(model, images, spec) * 2) <= 1  # 200 images: percent * 2
+
+
+def test_a_traced_fold_plan_folds_a_pruned_copy_as_the_traced_fusion_does():
+    from autodfp.measure.metrics import batchnorm_fold_plan, fold_batchnorm
+
+    model, spec = build_model("resnet20")
+    plan = batchnorm_fold_plan(model)  # traced once on the parent, applied to a pruned copy
+    pruned = apply_strategy(Strategy(model="resnet20", layers=uniform_layers(model, spec, 0.5)),
+                            (copy.deepcopy(model), spec)).model
+    traced = fold_batchnorm(copy.deepcopy(pruned))
+    planned = fold_batchnorm(pruned, plan, inplace=True)
+    assert len(plan) == sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in planned.modules())
+    x = torch.randn(8, *spec.input_size)
+    with torch.inference_mode():
+        assert torch.equal(traced(x), planned(x))
+
+
+class _ConvReadTwice(torch.nn.Module):
+    """A conv whose output a BN and a shortcut both read: folding the BN would change it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = torch.nn.Conv2d(3, 3, 3, padding=1), torch.nn.BatchNorm2d(3)
+        self.bn.running_mean.fill_(0.5)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+def test_a_fold_plan_leaves_a_conv_whose_output_is_read_twice():
+    from autodfp.measure.metrics import batchnorm_fold_plan, fold_batchnorm
+
+    model = _ConvReadTwice().eval()
+    assert batchnorm_fold_plan(model) == []
+    x = torch.randn(2, 3, 8, 8)
+    with torch.inference_mode():
+        assert torch.equal(fold_batchnorm(copy.deepcopy(model), [])(x), model(x))
 
 
 def test_a_large_reward_set_stays_uint8_and_scores_the_same(monkeypatch):

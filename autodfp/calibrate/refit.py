@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 
 from autodfp.errors import AutoDFPError
-from autodfp.models import accepts_channels_last, forward_channels_last
+from autodfp.models import accepts_channels_last, batched_forward
 from autodfp.settings import from_mapping
 from autodfp.calibrate.synthetic import SynthConfig
 
@@ -201,10 +201,7 @@ class Calibrator:
         return cls(model, images, config, layers, following)
 
     def _forward(self, model: nn.Module) -> None:
-        if self.channels_last:
-            forward_channels_last(model, self.images)
-        else:
-            model(self.images)
+        batched_forward(model, self.images, channels_last=self.channels_last)
 
     # -- targets ------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from autodfp.errors import AutoDFPError
 from autodfp.calibrate.synthetic import SynthConfig, default_config, synthetic_images
-from autodfp.models import accepts_channels_last, forward_channels_last
+from autodfp.models import accepts_channels_last, batched_forward
 
 FIDELITY_IMAGES = 64
 """Held-out synthetic images the estimate uses by default."""
@@ -136,8 +136,14 @@ class FidelityProbe:
         top = candidate.argmax(1)
         n = len(self.images)
         agree = int((self.reference.argmax(1) == top).sum())
-        kl = float(F.kl_div(candidate, self.reference, log_target=True, reduction="sum"))
-        return Fidelity(n, 100.0 * agree / n, kl / n, int(top.unique().numel()))
+        return Fidelity(n, 100.0 * agree / n, mean_kl(self.reference, candidate),
+                        int(top.unique().numel()))
+
+
+def mean_kl(reference: torch.Tensor, candidate: torch.Tensor) -> float:
+    """Mean over rows of KL(reference || candidate), in nats, from two N x classes tensors of
+    log-probabilities (inf or nan where the candidate's outputs are not finite)."""
+    return float(F.kl_div(candidate, reference, log_target=True, reduction="batchmean"))
 
 
 @torch.no_grad()  # not inference_mode: the model's memory-format copies must stay usable
@@ -146,9 +152,7 @@ def log_probs(model: nn.Module, images: torch.Tensor, batch_size: int = 64, *,
     """Log-softmax outputs (float32) of ``model`` in eval mode on normalised ``images``."""
     was = model.training
     try:
-        logits = (forward_channels_last(model.eval(), images, batch_size) if channels_last
-                  else torch.cat([model.eval()(images[start:start + batch_size])
-                                  for start in range(0, len(images), batch_size)]))
+        logits = batched_forward(model.eval(), images, batch_size, channels_last=channels_last)
     finally:
         model.train(was)
     return F.log_softmax(logits.float(), dim=1)
