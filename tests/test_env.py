@@ -287,13 +287,15 @@ def test_folded_batchnorm_scores_as_the_model_and_leaves_no_batchnorm():
 
 
 def test_a_traced_fold_plan_folds_a_pruned_copy_as_the_traced_fusion_does():
+    from torch.fx.experimental.optimization import fuse
+
     from autodfp.measure.metrics import batchnorm_fold_plan, fold_batchnorm
 
     model, spec = build_model("resnet20")
     plan = batchnorm_fold_plan(model)  # traced once on the parent, applied to a pruned copy
     pruned = apply_strategy(Strategy(model="resnet20", layers=uniform_layers(model, spec, 0.5)),
                             (copy.deepcopy(model), spec)).model
-    traced = fold_batchnorm(copy.deepcopy(pruned))
+    traced = fuse(copy.deepcopy(pruned).eval())
     planned = fold_batchnorm(pruned, plan, inplace=True)
     assert len(plan) == sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in planned.modules())

@@ -271,22 +271,14 @@ def resident_accuracy(model: nn.Module, images: ResidentImages, spec: ModelSpec,
 
 def fold_batchnorm(model: nn.Module, plan: list[tuple[str, str]] | None = None, *,
                    inplace: bool = False) -> nn.Module:
-    """An inference version of ``model`` with every BatchNorm that follows a plain conv folded
-    into it (``torch.fx``'s conv-BN fusion): the same function up to rounding, fewer passes
-    over the activations. ``plan``: the pairs to fold, from :func:`batchnorm_fold_plan` of a
-    model with the same modules (a pruned copy keeps its parent's names): no trace, each BN
-    replaced by an identity in ``model``'s own forward, the same outputs to the bit as the
-    traced fusion. ``inplace``: reuse (and change) ``model``'s modules instead of a copy. A
-    model ``torch.fx`` cannot trace is returned as it is."""
-    from torch.fx.experimental.optimization import fuse
-
-    if plan is None:
-        try:
-            return fuse(model.eval(), inplace=inplace)
-        except Exception:  # noqa: BLE001 - any trace failure: score the model unfused
-            return model
+    """An inference version of ``model`` with the BatchNorms of ``plan`` (default:
+    :func:`batchnorm_fold_plan` of ``model``) folded into the layers before them, each BN
+    replaced by an identity in ``model``'s own forward: the same outputs to the bit as
+    ``torch.fx``'s conv-BN fusion, fewer passes over the activations. A plan made on the
+    unpruned model serves every pruned copy (they keep its module names) without a trace each.
+    ``inplace``: change ``model``'s modules instead of a copy's."""
     model = (model if inplace else copy.deepcopy(model)).eval()
-    for conv_name, bn_name in plan:
+    for conv_name, bn_name in batchnorm_fold_plan(model) if plan is None else plan:
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
         fuse_eval = fuse_linear_bn_eval if isinstance(conv, nn.Linear) else fuse_conv_bn_eval
         model.set_submodule(conv_name, fuse_eval(conv, bn))
