@@ -357,7 +357,8 @@ def main() -> int:
             {"rows": rows, "throughput": speed, "run": str(run_dir), "env": env_config,
              "random_episodes_per_s": n / random_s if rand else None}, indent=1))
         reward_note = "\nreward on synthetic images, no label" if env.config.reward == "synthetic" else ""
-        plot(rows, args.out / f"search{suffix}.png", f"{budget}, {calibration}{reward_note}",
+        plot(rows, args.out / f"search{suffix}.png",
+             f"{budget}, {calibration}, action_mode {env.config.action_mode}{reward_note}",
              env.config.model)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -386,17 +387,18 @@ def plot(rows: list[dict], path: Path, subtitle: str, model: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in ("SAC", "random"):
-        pts = [(r["episodes"], r["lossless"]) for r in rows if r["method"] == method]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=method)
-    for baseline, style in zip((r for r in rows if r["episodes"] == 0), ("--", ":")):
-        ax.axhline(baseline["lossless"], color="grey", linestyle=style,
-                   label=baseline["method"].split(" (")[0])
-    ax.set(xscale="log", xlabel="episodes", ylabel="best-so-far top-1 %, lossless 1,017",
-           title=f"{model}, no fine-tuning\n{subtitle}")
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, images in zip(axes, ("lossless", "jpeg"), ("lossless 1,017", "JPEG 10,000")):
+        for method in ("SAC", "random"):
+            pts = [(r["episodes"], r[key]) for r in rows if r["method"] == method]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=method)
+        for baseline, style in zip((r for r in rows if r["episodes"] == 0), ("--", ":")):
+            ax.axhline(baseline[key], color="grey", linestyle=style,
+                       label=baseline["method"].split(" (")[0])
+        ax.set(xscale="log", xlabel="episodes", ylabel=f"best-so-far top-1 %, {images}")
+    axes[0].legend()
+    fig.suptitle(f"{model}, no fine-tuning\n{subtitle}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -37,12 +37,14 @@ import torch.nn as nn
 
 from autodfp.calibrate.refit import Calibrator, CalibrationConfig, default_calibration
 from autodfp.calibrate.synthetic import default_config
+from autodfp.compress.allocation import contribution_allocation
 from autodfp.compress.graph import ChannelGraph
 from autodfp.compress.similarity import similarity_stats
 from autodfp.data import ImageSet, load_split, load_user_data, reward_split, split_user_data
 from autodfp.errors import AutoDFPError
-from autodfp.measure.budget import (BUDGETS, Budget, BudgetProjector, bits_budget,
-                                    layers_owned_by_groups, macs_budget)
+from autodfp.measure.budget import (ACTION_MODES, BUDGETS, Budget, BudgetProjector,
+                                    bits_budget, check_reachable, layers_owned_by_groups,
+                                    macs_budget)
 from autodfp.measure.costmodel import MacsModel
 from autodfp.measure.fidelity import agreement_set
 from autodfp.measure.metrics import FLOAT_BITS, check_labelled_images, conv_and_linear_layers
@@ -130,10 +132,14 @@ class EnvConfig:
     """Largest allowed MACs of the pruned model, as a share of the original."""
     keep_lower: float = 0.2
     """Smallest keep ratio an action can choose."""
-    action_mode: str = "fair-share"
-    """How ``a[0]`` maps to [keep_lower, 1]: ``fair-share`` is piecewise linear through
-    (0.5 -> the keep ratio that spends the remaining budget evenly over the remaining groups),
-    so a neutral action is a uniform allocation; ``absolute`` is linear (AMC)."""
+    action_mode: str = "allocation"
+    """How ``a[0]`` maps to [keep_lower, 1]: ``allocation`` is piecewise linear through
+    (0.5 -> the group's keep under the data-free contribution allocation, scaled with the
+    later groups' to spend the remaining budget), so a neutral action is that allocation
+    (:func:`autodfp.compress.allocation.contribution_allocation`, computed once per env);
+    ``fair-share`` is piecewise linear through (0.5 -> the keep ratio that spends the
+    remaining budget evenly over the remaining groups), so a neutral action is a uniform
+    allocation; ``absolute`` is linear (AMC). Measured in docs/search.md."""
     select: str = "l1"
     """Selection criterion (autodfp.compress.selection)."""
     reconstruct: str = "autodfp"
@@ -189,9 +195,7 @@ class EnvConfig:
             value = getattr(config, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise AutoDFPError(f"{name} must be an integer >= {least}, got {value!r}")
-        if config.action_mode not in ("fair-share", "absolute"):
-            raise AutoDFPError(f"action_mode must be 'fair-share' or 'absolute', "
-                               f"got {config.action_mode!r}")
+        check_choice(config.action_mode, ACTION_MODES, "action_mode")
         return config
 
     def racing(self) -> Racing | None:
@@ -306,11 +310,13 @@ class AutoDFPEnv(gym.Env):
         self._owned = layers_owned_by_groups(graph)
         self._macs = MacsModel.measure(self._base_model, self._spec, graph=graph)
         self.quant = self.config.quant_search()
-        self.projector = BudgetProjector(
-            self._channels, self._budgets(), self._macs, self.config.keep_lower,
-            self.config.action_mode,
-            (self.quant.min_bits, self.quant.max_bits) if self.quant else None)
-        self.projector.check_reachable()
+        budgets = self._budgets()
+        bit_range = (self.quant.min_bits, self.quant.max_bits) if self.quant else None
+        check_reachable(self._channels, budgets, self.config.keep_lower,
+                        bit_range[0] if bit_range else FLOAT_BITS)  # before the allocation
+        self.projector = BudgetProjector(self._channels, budgets, self._macs,
+                                         self.config.keep_lower, self.config.action_mode,
+                                         bit_range, prior=self._prior(graph))
         self.reward = RewardEvaluator(self._base_model, self._spec, assets.images,
                                       assets.calibrator, assets.quant_images,
                                       device=self.config.device,
@@ -340,6 +346,17 @@ class AutoDFPEnv(gym.Env):
                          conv.out_channels / channels.max(), conv.kernel_size[0] / 7,
                          conv.stride[0] / 4, *similarity_stats(conv.weight).as_list()])
         return names, channels, np.clip(np.array(rows), 0.0, 1.0)
+
+    def _prior(self, graph: ChannelGraph) -> np.ndarray | None:
+        """Per-group keep share of the neutral action in ``allocation`` mode, else None."""
+        if self.config.action_mode != "allocation":
+            return None
+        if self._macs.macs(np.ones(len(self.group_names))) <= (self.config.macs_budget
+                                                              * self._macs.base):
+            return np.ones(len(self.group_names))  # a MACs budget that cuts nothing
+        keeps = contribution_allocation(graph, self._macs, self.config.macs_budget,
+                                        self.config.keep_lower)
+        return np.array([keeps[name] for name in self.group_names])
 
     @property
     def base(self) -> tuple[nn.Module, ModelSpec]:

@@ -140,6 +140,23 @@ def test_a_model_whose_forward_needs_nchw_is_calibrated_and_estimated_in_nchw():
     assert all(p.is_contiguous() for p in pruned.model.parameters())
 
 
+def test_a_classifier_reading_the_flattened_map_is_priced_per_channel():
+    """The contribution allocation and selection (``macs=``) weigh a channel by every weight
+    reading it: for a linear layer on the flattened C x H x W map, all H x W of its columns."""
+    from autodfp.compress.graph import ChannelGraph
+    from autodfp.compress.selection import consumer_reach
+
+    model = ViewNet().eval()
+    graph = ChannelGraph(model, X)
+    group = next(g for g in graph.groups.values()
+                 if any(isinstance(c, torch.nn.Linear) for c in g.consumers.values()))
+    columns = model.classifier.weight.detach().double().reshape(10, group.channels, -1)
+    assert consumer_reach(group) == pytest.approx((columns ** 2).sum(dim=(0, 2)).numpy())
+    pruned = autodfp.prune(model, X, macs=0.8, calibration=None, fidelity_images=0)
+    assert pruned.strategy.select == "contribution"
+    assert 0.7 < pruned.cost.macs / pruned.base_cost.macs <= 0.8
+
+
 def test_a_calibration_on_a_tensor_replays_only_with_the_same_tensor(lossless):
     from autodfp.data import to_tensor
 

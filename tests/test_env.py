@@ -5,6 +5,7 @@ import torch
 import pytest
 from gymnasium.utils.env_checker import check_env
 
+from autodfp.compress.allocation import allocate_keeps
 from autodfp.data import reward_split
 from autodfp.errors import AutoDFPError
 from autodfp.measure.metrics import accuracy, model_cost
@@ -54,11 +55,12 @@ def test_projection_keeps_the_budget_reachable_for_any_actions(env):
         assert min(keeps) >= CONFIG["keep_lower"] - 1e-9
 
 
-@pytest.mark.parametrize("model,coupled", [("vgg16_bn", False), ("mobilenetv2", True)])
-def test_chained_groups_keep_the_budget_by_an_independent_count(model, coupled, tmp_path):
+@pytest.mark.parametrize("model,coupled,mode", [("vgg16_bn", False, "fair-share"),
+                                               ("mobilenetv2", True, "allocation")])
+def test_chained_groups_keep_the_budget_by_an_independent_count(model, coupled, mode, tmp_path):
     """A conv between two pruned groups costs keep_i * keep_j: the cost model counts it, so the
     projection holds the budget (a linear model let VGG-16 run over it); MobileNetV2 with its
-    residual-coupled groups decided too."""
+    residual-coupled groups decided too, its neutral action the contribution allocation."""
     import torch
 
     from autodfp.measure.metrics import count_macs
@@ -68,7 +70,8 @@ def test_chained_groups_keep_the_budget_by_an_independent_count(model, coupled, 
     budget = 0.5
     env = AutoDFPEnv({"model": model, "checkpoint": str(tmp_path / "random.pt"),
                       "reward_size": 20, "macs_budget": budget, "calibration": None,
-                      "reconstruct": "none", "keep_lower": 0.1, "coupled": coupled})
+                      "reconstruct": "none", "keep_lower": 0.1, "coupled": coupled,
+                      "action_mode": mode})
     base = count_macs(weights, spec)
     rng = np.random.default_rng(1)
     for episode in range(4):
@@ -116,11 +119,41 @@ def test_bad_configs_are_clear():
         AutoDFPEnv({**CONFIG, "macs_budget": 1.5})
 
 
-def test_fair_share_neutral_action_is_a_uniform_allocation(env):
+def test_fair_share_neutral_action_is_a_uniform_allocation():
+    env = AutoDFPEnv({**CONFIG, "action_mode": "fair-share", "calibration": None})
     _, info = run_episode(env, np.tile([0.5, 0.5], (9, 1)))
     keeps = [layer["keep"] for layer in info["strategy"]["layers"].values()]
     assert max(keeps) - min(keeps) <= 2 / 16 + 1e-9       # equal up to channel rounding
     assert CONFIG["macs_budget"] - 0.03 <= info["macs_ratio"] <= CONFIG["macs_budget"]
+
+
+def test_allocation_mode_neutral_action_is_the_contribution_allocation():
+    config = {**CONFIG, "calibration": None}  # the default action_mode
+    env = AutoDFPEnv(config)
+    _, info = run_episode(env, np.tile([0.5, 0.5], (9, 1)))
+    keeps = np.array([info["strategy"]["layers"][n]["keep"] for n in env.group_names])
+    allocation = allocate_keeps(*env.base, config["macs_budget"],
+                                keep_lower=config["keep_lower"])
+    expected = np.array([allocation[n] for n in env.group_names])
+    extra_channels = np.rint((keeps - expected) * env._channels)
+    assert set(extra_channels) <= {0, 1}  # + the budget the allocation's rounding left unspent
+    assert expected.max() - expected.min() > 0.3  # not a uniform allocation
+    assert config["macs_budget"] - 0.02 <= info["macs_ratio"] <= config["macs_budget"] + 1e-9
+    rng = np.random.default_rng(1)
+    for actions in (np.ones((9, 2)), np.zeros((9, 2)), *rng.random((4, 9, 2))):
+        _, info = run_episode(env, actions)
+        keeps = [layer["keep"] for layer in info["strategy"]["layers"].values()]
+        assert info["macs_ratio"] <= config["macs_budget"] + 1e-9
+        assert min(keeps) >= config["keep_lower"] - 1e-9
+    assert keeps != list(expected)
+    uncut = AutoDFPEnv({**config, "macs_budget": 1.0})  # nothing to allocate: keep everything
+    _, info = run_episode(uncut, np.tile([0.5, 0.5], (9, 1)))
+    assert {layer["keep"] for layer in info["strategy"]["layers"].values()} == {1.0}
+
+
+def test_an_unknown_action_mode_is_one_error():
+    with pytest.raises(AutoDFPError, match="action_mode must be one of fair-share, allocation"):
+        AutoDFPEnv({**CONFIG, "action_mode": "greedy"})
 
 
 def test_absolute_mode_maps_actions_linearly():

@@ -26,6 +26,7 @@ from autodfp.compress.graph import ChannelGraph, ChannelGroup
 from autodfp.compress.selection import consumer_reach, contribution_scores
 from autodfp.compress.similarity import filter_matrix
 from autodfp.errors import AutoDFPError
+from autodfp.measure.budget import lowest_channels
 from autodfp.measure.costmodel import MacsModel, uniform_keep_for_macs
 from autodfp.measure.metrics import count_macs
 from autodfp.models import ModelSpec
@@ -59,9 +60,16 @@ def allocate_keeps(model: nn.Module, spec: ModelSpec, macs: float, *,
     if allocation == "uniform":
         keep = uniform_keep_for_macs(model, spec, count_macs(model, spec), macs, coupled=coupled)
         return {name: keep for name in graph.groups}
-    cost_model = MacsModel.measure(model, spec, graph=graph)
+    return contribution_allocation(graph, MacsModel.measure(model, spec, graph=graph), macs,
+                                   keep_lower)
+
+
+def contribution_allocation(graph: ChannelGraph, cost_model: MacsModel, macs: float,
+                            keep_lower: float = KEEP_LOWER) -> dict[str, float]:
+    """The ``contribution`` allocation of :func:`allocate_keeps` on a traced ``graph`` of the
+    model and its ``cost_model`` (the search's env has both)."""
     costs = _cut_costs(graph, cost_model, macs)
-    lower = np.maximum(1, np.ceil(keep_lower * cost_model.channels - 1e-9))
+    lower = lowest_channels(cost_model.channels, keep_lower)
 
     def shares(threshold: float) -> np.ndarray:
         cut = np.array([(c < threshold).sum() for c in costs])

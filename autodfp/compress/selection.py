@@ -151,13 +151,21 @@ def contribution_scores(group: ChannelGroup) -> np.ndarray | None:
 
 def consumer_reach(group: ChannelGroup) -> np.ndarray:
     """Per channel: the squared weights of every consumer reading it."""
-    return sum(_input_energy(consumer.weight) for consumer in group.consumers.values())
+    return sum(_input_energy(consumer.weight, group.channels)
+               for consumer in group.consumers.values())
 
 
-def _input_energy(weight: torch.Tensor) -> np.ndarray:
-    """Per input channel: the sum of squared weights reading it (every output, every tap)."""
+def _input_energy(weight: torch.Tensor, channels: int) -> np.ndarray:
+    """Per input channel: the sum of squared weights reading it (every output, every tap; for
+    a linear layer reading the flattened C x H x W map, every position of the channel)."""
     w = weight.detach().double()
-    return (w * w).sum(dim=[d for d in range(w.dim()) if d != 1]).numpy()
+    per_input = (w * w).sum(dim=[d for d in range(w.dim()) if d != 1])
+    if per_input.numel() != channels:
+        if w.dim() != 2 or per_input.numel() % channels:
+            raise AutoDFPError(f"a consumer with {per_input.numel()} inputs reads a group of "
+                               f"{channels} channels: not a flattened feature map")
+        per_input = per_input.reshape(channels, -1).sum(1)  # flatten is channel-major
+    return per_input.numpy()
 
 
 def _top(scores: np.ndarray, n_keep: int) -> torch.Tensor:

@@ -19,8 +19,10 @@ from autodfp.compress.graph import ChannelGraph
 from autodfp.errors import AutoDFPError
 from autodfp.measure.costmodel import MacsModel
 from autodfp.measure.metrics import FLOAT_BITS, conv_and_linear_layers, layer_macs, weight_bytes
+from autodfp.settings import check_choice
 
 BUDGETS = ("macs", "weight_bytes", "bitops")
+ACTION_MODES = ("fair-share", "allocation", "absolute")
 
 
 @dataclass(frozen=True)
@@ -103,24 +105,55 @@ def layers_owned_by_groups(graph: ChannelGraph) -> list[list[str]]:
             for name, group in graph.groups.items()]
 
 
+def lowest_channels(channels: np.ndarray, keep_lower: float) -> np.ndarray:
+    """Fewest channels each group keeps at ``keep_lower`` (at least one)."""
+    return np.maximum(1, np.ceil(keep_lower * np.asarray(channels) - 1e-9))
+
+
+def check_reachable(channels: np.ndarray, budgets: list[Budget], keep_lower: float,
+                    min_bits: int = FLOAT_BITS) -> None:
+    """Every budget can be met with every group at the lowest keep and bits (one clear error
+    naming the setting otherwise)."""
+    channels = np.asarray(channels)
+    share = lowest_channels(channels, keep_lower) / channels
+    bits = np.full(len(share), min_bits)
+    for budget in budgets:
+        floor = budget.cost(share, bits)
+        if floor > budget.limit * (1 + 1e-12):
+            at_bits = f" and min_bits={min_bits}" if budget.uses_bits else ""
+            raise AutoDFPError(
+                f"{budget.label} budget {budget.ratio:.3f} ({budget.setting}) is "
+                f"unreachable: with every group at keep_lower={keep_lower}"
+                f"{at_bits} the model keeps {floor / budget.base:.3f} of its {budget.label}")
+
+
 class BudgetProjector:
     """Turns each step's wish into kept channels (and bits) that keep every budget reachable.
 
     ``kept``/``bits`` arrays hold the decisions of groups ``0..t-1``; later entries are
-    ignored. ``action_mode`` ``fair-share`` maps a wish of 0.5 to the uniform share that spends
-    the MACs budget over the groups left; ``absolute`` maps [0, 1] linearly (AMC)."""
+    ignored. ``action_mode`` (:data:`ACTION_MODES`): ``fair-share`` maps a wish of 0.5 to the
+    uniform share that spends the MACs budget over the groups left; ``allocation`` maps it to
+    the ``prior`` share of the group (a per-group allocation, e.g. the data-free contribution
+    allocation), scaled with every later group's prior so the groups left spend the MACs
+    budget; both are piecewise linear through (0, keep_lower), (0.5, that share), (1, 1).
+    ``absolute`` maps [0, 1] linearly (AMC)."""
 
     def __init__(self, channels: np.ndarray, budgets: list[Budget], macs: MacsModel,
                  keep_lower: float, action_mode: str = "fair-share",
-                 bit_range: tuple[int, int] | None = None):
+                 bit_range: tuple[int, int] | None = None, prior: np.ndarray | None = None):
+        check_choice(action_mode, ACTION_MODES, "action_mode")
+        if (action_mode == "allocation") != (prior is not None):
+            raise AutoDFPError("a prior allocation goes with action_mode 'allocation' only")
         self.channels = np.asarray(channels)
         self.budgets = budgets
         self.macs = macs
         self.keep_lower = keep_lower
         self.action_mode = action_mode
+        self.prior = None if prior is None else np.asarray(prior, dtype=float)
+        """Per-group keep share a neutral wish stands for (``allocation`` mode)."""
         self.bit_range = bit_range
         """(min_bits, max_bits) of a mixed-precision search; None: float weights."""
-        self.lower = np.maximum(1, np.ceil(keep_lower * self.channels - 1e-9))
+        self.lower = lowest_channels(self.channels, keep_lower)
         """Fewest channels each group keeps."""
 
     @property
@@ -131,28 +164,17 @@ class BudgetProjector:
     def macs_ratio_limit(self) -> float:
         return self.budgets[0].ratio
 
-    def check_reachable(self) -> None:
-        """Every budget can be met with every group at the lowest keep and bits."""
-        share = self.lower / self.channels
-        bits = np.full(len(share), self.min_bits)
-        for budget in self.budgets:
-            floor = budget.cost(share, bits)
-            if floor > budget.limit * (1 + 1e-12):
-                at_bits = f" and min_bits={self.min_bits}" if budget.uses_bits else ""
-                raise AutoDFPError(
-                    f"{budget.label} budget {budget.ratio:.3f} ({budget.setting}) is "
-                    f"unreachable: with every group at keep_lower={self.keep_lower}"
-                    f"{at_bits} the model keeps {floor / budget.base:.3f} of its {budget.label}")
-
     def keep(self, t: int, wish: float, kept: np.ndarray, bits: np.ndarray) -> int:
         """Kept channels of group ``t`` for the wish ``wish`` in [0, 1] at ``bits[t]``."""
         channels, low = self.channels[t], self.keep_lower
         if self.action_mode == "absolute":
             share = low + wish * (1.0 - low)
         else:
-            fair = float(np.clip(self.fair_share(t, kept), low, 1.0))
-            share = (low + 2 * wish * (fair - low) if wish <= 0.5
-                     else fair + (2 * wish - 1) * (1 - fair))
+            neutral = (self.fair_share(t, kept) if self.action_mode == "fair-share"
+                       else self.prior_share(t, kept))
+            neutral = float(np.clip(neutral, low, 1.0))
+            share = (low + 2 * wish * (neutral - low) if wish <= 0.5
+                     else neutral + (2 * wish - 1) * (1 - neutral))
         most = self.most_channels(t, int(bits[t]), kept, bits)
         wanted = math.floor(share * channels + 0.5)
         return int(np.clip(wanted, self.lower[t], max(self.lower[t], min(channels, most))))
@@ -198,6 +220,31 @@ class BudgetProjector:
         if abs(a2) < 1e-9 * max(abs(a1), 1.0):
             return need / a1 if a1 > 0 else 1.0
         return (-a1 + math.sqrt(max(a1 * a1 + 4 * a2 * need, 0.0))) / (2 * a2)
+
+    def prior_share(self, t: int, kept: np.ndarray, iterations: int = 60) -> float:
+        """Group ``t``'s prior share times the scale ``x`` at which the groups ``t..`` (each at
+        ``x`` times its prior, within [keep_lower, 1]) spend the MACs budget exactly; found by
+        bisection (the MACs rise with ``x``). With the earlier groups at their priors, ``x``
+        is 1 up to channel rounding."""
+        share = kept / self.channels
+        prior = self.prior[t:]
+        lowest = self.lower[t:] / self.channels[t:]
+
+        def macs_at(scale: float) -> float:
+            share[t:] = np.clip(scale * prior, lowest, 1.0)
+            return self.macs.macs(share)
+
+        limit = self.macs_ratio_limit * self.macs.base
+        low, high = 0.0, 1.0 / max(float(prior.min()), 1e-12)
+        if macs_at(high) <= limit:
+            return 1.0
+        for _ in range(iterations):
+            middle = (low + high) / 2
+            if macs_at(middle) > limit:
+                high = middle
+            else:
+                low = middle
+        return low * float(prior[0])
 
     def fits(self, kept: np.ndarray, bits: np.ndarray) -> bool:
         return all(b.cost(kept / self.channels, bits) <= b.limit * (1 + 1e-12)
