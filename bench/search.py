@@ -329,7 +329,11 @@ def main() -> int:
                          **_budget_column(env, baseline.strategy)})
         calibration = ("no calibration" if env.config.calibration is None else
                        f"calibrated ({env._template.calibration.order} on "
-                       f"{env._template.calibration.count} synthetic images)")
+                       f"{env._template.calibration.count} synthetic images"
+                       + (f", {env._template.calibration.products} products"
+                          if env._template.calibration.products != "float64" else "") + ")")
+        if env.config.autocast:
+            calibration += ", autocast evaluation"
         budget = (f"weight bytes <= {env.quant.budget_ratio}" if env.quant
                   else f"MACs <= {env.config.macs_budget}")
         reward_set = (f"{env.config.synthetic_reward_images} held-out synthetic images "

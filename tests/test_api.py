@@ -173,6 +173,25 @@ def test_a_calibration_on_a_tensor_replays_only_with_the_same_tensor(lossless):
     assert weights_sha256(again.model) == weights_sha256(pruned.model)
 
 
+def test_float32_refit_products_stay_close_to_float64_and_replay_as_recorded(lossless):
+    from autodfp.data import to_tensor
+
+    model = SmallCNN()
+    images = to_tensor(lossless.x[:24], (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    exact, fast = (autodfp.prune(model, X, keep=0.5, calib_data=images, fidelity_images=0,
+                                 calibration={"order": "refit", "products": products})
+                   for products in ("float64", "float32"))
+    assert fast.strategy.calibration.products == "float32" and fast.refitted
+    assert weights_sha256(fast.model) != weights_sha256(exact.model)
+    for a, b in zip(exact.model.state_dict().values(), fast.model.state_dict().values()):
+        if a.is_floating_point():
+            assert float((a - b).norm()) <= 1e-3 * float(a.norm()) + 1e-12
+    again = autodfp.apply(fast.strategy, model, X, calib_data=images, fidelity_images=0)
+    assert weights_sha256(again.model) == weights_sha256(fast.model)
+    with pytest.raises(AutoDFPError, match="calibration products must be one of float64"):
+        autodfp.prune(model, X, keep=0.5, calibration={"products": "float16"})
+
+
 def test_the_default_calibration_above_64_px_differs_for_synthetic_and_real_images():
     from autodfp.api import _calibration
     from autodfp.calibrate.refit import DEFAULT_CALIBRATION, LARGE_INPUT_SYNTHETIC_REFIT

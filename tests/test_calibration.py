@@ -106,6 +106,9 @@ def test_ridge_fit_recovers_a_linear_map_and_pulls_toward_the_prior():
     prior = torch.randn(4, 12, generator=g, dtype=torch.float64)
     pulled, _ = ridge_fit(x, x @ w.T + b, prior, 1e6, intercept=True)
     assert torch.allclose(pulled, prior, atol=1e-3)
+    fitted32, bias32 = ridge_fit(x.float(), x @ w.T + b, torch.zeros_like(w), 0.0, True)
+    assert fitted32.dtype == bias32.dtype == torch.float64  # float32 products, float64 solve
+    assert torch.allclose(fitted32, w, atol=1e-4) and torch.allclose(bias32, b, atol=1e-4)
 
 
 @pytest.mark.parametrize("columns", [1, GRAM_BLOCK_COLUMNS - 1, GRAM_BLOCK_COLUMNS,
