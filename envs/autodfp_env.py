@@ -1,7 +1,8 @@
 """The AutoDFP MDP: one episode prunes a model group by group; the reward is accuracy.
 
 - Step ``t`` decides group ``t`` (forward order of :class:`autodfp.compress.graph.ChannelGraph`).
-- Action ``Box(2)`` in [0, 1]: ``a[0]`` maps to a keep ratio in ``[keep_lower, 1]``, projected
+- Action ``Box(2)`` in [0, 1]: ``a[0]`` maps to a keep ratio in ``[keep_lower, 1]`` (by default
+  0.5 is the group's keep under the data-free contribution allocation, ``action_mode``), projected
   (as AMC does) so that the MACs budget stays reachable if every later group is cut to
   ``keep_lower``; ``a[1]`` is the group's reconstruction coefficient.
 - Observation (all in [0, 1]): static descriptors of the group (position, in/out channels,
